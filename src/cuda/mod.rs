@@ -1,0 +1,1 @@
+//! The CUDA backend: device handle, embedded kernels, device matrices and kernel launches.

@@ -1,0 +1,381 @@
+//! Inputs and outputs of a loss evaluation, shared by both backends, and the one place where
+//! input shapes are checked against a [`LossSpec`].
+
+use crate::error::{Error, Result};
+use crate::spec::{LossSpec, Mode, Reduction, Variant};
+use crate::tensor::{Element, MatRef, Matrix};
+
+/// The input tensors of one evaluation; the variant must match the spec's [`Mode`].
+#[derive(Debug, Clone, Copy)]
+pub enum LossInputs<'a, T> {
+    /// `query` (N×D), `positive` (N×D), `queue` (K×D, K may be 0).
+    Queue {
+        /// Q.
+        query: MatRef<'a, T>,
+        /// P.
+        positive: MatRef<'a, T>,
+        /// M.
+        queue: MatRef<'a, T>,
+    },
+    /// `embeddings` (2N×D).
+    InBatch {
+        /// E.
+        embeddings: MatRef<'a, T>,
+    },
+    /// `query` (N×D), `key` (M×D), optional `targets` (N indices in `[0, M)`; default `i`).
+    Cross {
+        /// A.
+        query: MatRef<'a, T>,
+        /// B.
+        key: MatRef<'a, T>,
+        /// y.
+        targets: Option<&'a [i64]>,
+    },
+    /// `query` (N×D), `key` (N×D).
+    Symmetric {
+        /// A.
+        query: MatRef<'a, T>,
+        /// B.
+        key: MatRef<'a, T>,
+    },
+}
+
+impl<'a, T: Element> LossInputs<'a, T> {
+    /// The mode these inputs are for.
+    pub fn mode(&self) -> Mode {
+        match self {
+            LossInputs::Queue { .. } => Mode::Queue,
+            LossInputs::InBatch { .. } => Mode::InBatch,
+            LossInputs::Cross { .. } => Mode::Cross,
+            LossInputs::Symmetric { .. } => Mode::Symmetric,
+        }
+    }
+
+    /// Every input matrix, in the order of [`LossOutput::grads`].
+    pub fn matrices(&self) -> Vec<MatRef<'a, T>> {
+        match *self {
+            LossInputs::Queue {
+                query,
+                positive,
+                queue,
+            } => vec![query, positive, queue],
+            LossInputs::InBatch { embeddings } => vec![embeddings],
+            LossInputs::Cross { query, key, .. } | LossInputs::Symmetric { query, key } => {
+                vec![query, key]
+            }
+        }
+    }
+
+    /// Checks the inputs against `spec` and returns the problem's sizes.
+    ///
+    /// This is the only shape check in the crate: both backends call it before any work.
+    pub fn validate(&self, spec: &LossSpec) -> Result<Shape> {
+        if self.mode() != spec.mode() {
+            return Err(Error::parameter(
+                "mode",
+                spec.mode().name(),
+                format!("the inputs are for {} mode", self.mode().name()),
+            ));
+        }
+        let shape = |m: &MatRef<'a, T>| format!("[{}, {}]", m.rows(), m.cols());
+        let same_d = |m: &MatRef<'a, T>, d: usize, what: &str| -> Result<()> {
+            if m.cols() != d {
+                return Err(Error::shape(
+                    m.name(),
+                    shape(m),
+                    format!("[{}, {d}] (D = {d} as in {what})", m.rows()),
+                ));
+            }
+            Ok(())
+        };
+        let nonempty = |m: &MatRef<'a, T>| -> Result<()> {
+            if m.rows() == 0 {
+                return Err(Error::shape(m.name(), shape(m), "at least one row (N >= 1)"));
+            }
+            if m.cols() == 0 {
+                return Err(Error::shape(m.name(), shape(m), "at least one column (D >= 1)"));
+            }
+            Ok(())
+        };
+        let s = match *self {
+            LossInputs::Queue {
+                query,
+                positive,
+                queue,
+            } => {
+                nonempty(&query)?;
+                let (n, d) = (query.rows(), query.cols());
+                same_d(&positive, d, "query")?;
+                if positive.rows() != n {
+                    return Err(Error::shape(
+                        "positive",
+                        shape(&positive),
+                        format!("[{n}, {d}] (one positive per query)"),
+                    ));
+                }
+                if queue.cols() != d && queue.rows() > 0 {
+                    same_d(&queue, d, "query")?;
+                }
+                Shape {
+                    anchors: n,
+                    keys: queue.rows(),
+                    dim: d,
+                    negatives: queue.rows(),
+                }
+            }
+            LossInputs::InBatch { embeddings } => {
+                nonempty(&embeddings)?;
+                let r = embeddings.rows();
+                if r % 2 != 0 || r < 2 {
+                    return Err(Error::shape(
+                        "embeddings",
+                        shape(&embeddings),
+                        "[2N, D] with an even number of rows (rows a and a+N are a pair)",
+                    ));
+                }
+                Shape {
+                    anchors: r,
+                    keys: r,
+                    dim: embeddings.cols(),
+                    negatives: r - 2,
+                }
+            }
+            LossInputs::Cross {
+                query,
+                key,
+                targets,
+            } => {
+                nonempty(&query)?;
+                let (n, d) = (query.rows(), query.cols());
+                same_d(&key, d, "query")?;
+                let m = key.rows();
+                match targets {
+                    Some(t) => {
+                        if t.len() != n {
+                            return Err(Error::shape(
+                                "targets",
+                                format!("[{}]", t.len()),
+                                format!("[{n}] (one target per query row)"),
+                            ));
+                        }
+                        if let Some((i, &y)) =
+                            t.iter().enumerate().find(|(_, &y)| y < 0 || y as usize >= m)
+                        {
+                            return Err(Error::parameter(
+                                format!("targets[{i}]"),
+                                y,
+                                format!("must be in [0, {m}) (key has {m} rows)"),
+                            ));
+                        }
+                    }
+                    None => {
+                        if m < n {
+                            return Err(Error::shape(
+                                "key",
+                                shape(&key),
+                                format!("at least {n} rows (default targets y_i = i need M >= N)"),
+                            ));
+                        }
+                    }
+                }
+                if m == 0 {
+                    return Err(Error::shape("key", shape(&key), "at least one row"));
+                }
+                Shape {
+                    anchors: n,
+                    keys: m,
+                    dim: d,
+                    negatives: m - 1,
+                }
+            }
+            LossInputs::Symmetric { query, key } => {
+                nonempty(&query)?;
+                let (n, d) = (query.rows(), query.cols());
+                same_d(&key, d, "query")?;
+                if key.rows() != n {
+                    return Err(Error::shape(
+                        "key",
+                        shape(&key),
+                        format!("[{n}, {d}] (symmetric mode pairs row i with row i)"),
+                    ));
+                }
+                Shape {
+                    anchors: n,
+                    keys: n,
+                    dim: d,
+                    negatives: n - 1,
+                }
+            }
+        };
+        if spec.variant() == Variant::Decoupled && s.negatives == 0 {
+            return Err(Error::parameter(
+                "variant",
+                "decoupled",
+                "needs at least one negative (the queue is empty or N = 1)",
+            ));
+        }
+        Ok(s)
+    }
+}
+
+/// The sizes of a validated problem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    /// Number of anchors with a row loss: N (queue, cross, symmetric) or 2N (inbatch).
+    pub anchors: usize,
+    /// Number of key rows: K (queue), 2N (inbatch), M (cross), N (symmetric).
+    pub keys: usize,
+    /// Embedding dimension D.
+    pub dim: usize,
+    /// Negatives per anchor: K, 2N − 2, M − 1, N − 1.
+    pub negatives: usize,
+}
+
+impl Shape {
+    /// Number of per-anchor losses: `anchors`, or `2N` in symmetric mode (rows then columns).
+    pub fn losses(&self, mode: Mode) -> usize {
+        match mode {
+            Mode::Symmetric => 2 * self.anchors,
+            _ => self.anchors,
+        }
+    }
+}
+
+/// The upstream gradient of the reduced loss.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum Upstream {
+    /// `g = 1`, as `loss.backward()`.
+    #[default]
+    One,
+    /// A scalar `g` (reductions `mean` and `sum`).
+    Scalar(f64),
+    /// One weight per anchor loss (reduction `none`): N (or 2N for inbatch); symmetric takes 2N,
+    /// the row weights then the column weights.
+    PerAnchor(Vec<f64>),
+}
+
+impl Upstream {
+    /// The per-anchor weights `w_i` that multiply each anchor's loss gradient, for `count` anchor
+    /// losses under `spec`'s reduction (symmetric's ½ included).
+    pub fn weights(&self, spec: &LossSpec, count: usize) -> Result<Vec<f64>> {
+        let half = if spec.mode() == Mode::Symmetric {
+            0.5
+        } else {
+            1.0
+        };
+        // In symmetric mode `count` is 2N and the mean is over N per side.
+        let per_side = if spec.mode() == Mode::Symmetric {
+            count / 2
+        } else {
+            count
+        };
+        let scale = |g: f64| -> Result<Vec<f64>> {
+            if !g.is_finite() {
+                return Err(Error::parameter("upstream", g, "must be finite"));
+            }
+            let w = match spec.reduction() {
+                Reduction::Mean => half * g / per_side.max(1) as f64,
+                Reduction::Sum => half * g,
+                Reduction::None => g,
+            };
+            Ok(vec![w; count])
+        };
+        match self {
+            Upstream::One => scale(1.0),
+            Upstream::Scalar(g) => {
+                if spec.reduction() == Reduction::None {
+                    return Err(Error::parameter(
+                        "upstream",
+                        "a scalar",
+                        format!("reduction none takes one weight per anchor loss ({count})"),
+                    ));
+                }
+                scale(*g)
+            }
+            Upstream::PerAnchor(w) => {
+                if spec.reduction() != Reduction::None {
+                    return Err(Error::parameter(
+                        "upstream",
+                        format!("{} weights", w.len()),
+                        "per-anchor weights need reduction none; mean and sum take a scalar",
+                    ));
+                }
+                if w.len() != count {
+                    return Err(Error::shape(
+                        "upstream",
+                        format!("[{}]", w.len()),
+                        format!("[{count}] (one weight per anchor loss)"),
+                    ));
+                }
+                Ok(w.clone())
+            }
+        }
+    }
+}
+
+/// The loss value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LossValue {
+    /// The reduced loss (mean or sum).
+    Scalar(f64),
+    /// Per-anchor losses (reduction none; not symmetric).
+    PerAnchor(Vec<f64>),
+    /// Symmetric mode with reduction none: the row losses and the column losses.
+    Symmetric {
+        /// `L^row_i`, N values.
+        rows: Vec<f64>,
+        /// `L^col_j`, N values.
+        cols: Vec<f64>,
+    },
+}
+
+impl LossValue {
+    /// The scalar, if reduced.
+    pub fn scalar(&self) -> Option<f64> {
+        match self {
+            LossValue::Scalar(x) => Some(*x),
+            _ => None,
+        }
+    }
+    /// All values, flattened (rows then columns for symmetric).
+    pub fn values(&self) -> Vec<f64> {
+        match self {
+            LossValue::Scalar(x) => vec![*x],
+            LossValue::PerAnchor(v) => v.clone(),
+            LossValue::Symmetric { rows, cols } => rows.iter().chain(cols).copied().collect(),
+        }
+    }
+}
+
+/// The gradient of one input tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gradient {
+    /// The input's name (`query`, `positive`, `queue`, `embeddings`, `key`); the output file calls
+    /// it `grad_<name>`.
+    pub name: &'static str,
+    /// The gradient, shaped as the input.
+    pub value: Matrix,
+}
+
+/// What one evaluation returns; the same type from the CPU reference and the CUDA backend.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LossOutput {
+    /// The loss.
+    pub loss: LossValue,
+    /// Per-anchor log-sum-exp of the row logits (positive and negatives; decoupled: negatives
+    /// only), N values (2N for inbatch). Zero-length for the simple variant (no exponentials).
+    pub lse: Vec<f64>,
+    /// Symmetric mode: the per-column LSE (N values).
+    pub lse_cols: Option<Vec<f64>>,
+    /// One gradient per input tensor, in input order (`grad_queue` only when the spec asks).
+    pub grads: Vec<Gradient>,
+    /// `dL/dτ` when the temperature is learnable.
+    pub grad_temperature: Option<f64>,
+}
+
+impl LossOutput {
+    /// The gradient of the input called `name`.
+    pub fn grad(&self, name: &str) -> Option<&Matrix> {
+        self.grads.iter().find(|g| g.name == name).map(|g| &g.value)
+    }
+}
