@@ -29,11 +29,14 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod data;
 pub mod error;
+pub mod io;
 pub mod loss;
 pub mod metrics;
 pub mod spec;
 pub mod tensor;
+pub mod train;
 
 pub use error::{Error, Result};
 pub use loss::{Gradient, LossInputs, LossOutput, LossValue, Shape, Upstream};

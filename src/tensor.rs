@@ -12,6 +12,9 @@ pub enum DType {
     F16,
     /// bfloat16.
     BF16,
+    /// IEEE binary64: accepted by the CPU reference (finite-difference checks, golden files);
+    /// the CUDA backend rejects it.
+    F64,
 }
 
 impl DType {
@@ -21,6 +24,7 @@ impl DType {
             DType::F32 => "f32",
             DType::F16 => "f16",
             DType::BF16 => "bf16",
+            DType::F64 => "f64",
         }
     }
 
@@ -29,6 +33,7 @@ impl DType {
         match self {
             DType::F32 => 4,
             DType::F16 | DType::BF16 => 2,
+            DType::F64 => 8,
         }
     }
 }
@@ -39,20 +44,21 @@ impl std::fmt::Display for DType {
     }
 }
 
-/// An element type of an input matrix: `f32`, [`half::f16`] or [`half::bf16`].
+/// An element type of an input matrix: `f32`, [`half::f16`] or [`half::bf16`] (and `f64`, which only
+/// the CPU reference accepts).
 ///
 /// The CPU reference reads every element through [`Element::to_f64`], so one generic code path
-/// serves all three types without copying the input per dtype.
+/// serves every type without copying the input per dtype.
 pub trait Element:
     Copy + Send + Sync + Default + bytemuck::Pod + std::fmt::Debug + PartialEq + 'static
 {
     /// The runtime tag of this type.
     const DTYPE: DType;
-    /// Widen to f64 (exact for all three types).
+    /// Widen to f64 (exact).
     fn to_f64(self) -> f64;
     /// Round from f64 (to nearest).
     fn from_f64(x: f64) -> Self;
-    /// Widen to f32 (exact for all three types).
+    /// Convert to f32 (exact for f32, f16 and bf16).
     fn to_f32(self) -> f32;
 }
 
@@ -66,6 +72,19 @@ impl Element for f32 {
     }
     fn to_f32(self) -> f32 {
         self
+    }
+}
+
+impl Element for f64 {
+    const DTYPE: DType = DType::F64;
+    fn to_f64(self) -> f64 {
+        self
+    }
+    fn from_f64(x: f64) -> Self {
+        x
+    }
+    fn to_f32(self) -> f32 {
+        self as f32
     }
 }
 

@@ -1,0 +1,1 @@
+//! Built-in synthetic data: seeded clustered unit vectors with class labels.

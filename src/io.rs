@@ -1,0 +1,1 @@
+//! Reading and writing safetensors files of embeddings, targets, labels and results.

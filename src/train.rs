@@ -1,0 +1,1 @@
+//! A small training loop (linear encoder + normalisation) driven by this crate's loss.
