@@ -44,8 +44,8 @@ fn main() {
 
     let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let require = env::var("FUSED_INFONCE_REQUIRE_NVCC").is_ok_and(|v| v == "1" || v == "true");
-    let kernels_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets it"))
-        .join("kernels");
+    let kernels_dir =
+        PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets it")).join("kernels");
 
     let mut sources: Vec<PathBuf> = fs::read_dir(&kernels_dir)
         .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
@@ -89,7 +89,12 @@ fn main() {
         .output()
         .ok()
         .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.lines().rev().find(|l| l.contains("release")).map(str::to_string))
+        .and_then(|s| {
+            s.lines()
+                .rev()
+                .find(|l| l.contains("release"))
+                .map(str::to_string)
+        })
         .unwrap_or_else(|| "unknown".to_string());
 
     let gencode = match gencode_flags(&archs) {
@@ -109,7 +114,10 @@ fn main() {
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err("compile thread panicked".into())))
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("compile thread panicked".into()))
+            })
             .collect()
     });
 
@@ -160,7 +168,12 @@ fn gencode_flags(archs: &[String]) -> Result<Vec<String>, String> {
             }
             flags.push(format!("-gencode=arch=compute_{n},code=sm_{n}"));
         } else if let Some(n) = a.strip_prefix("compute_") {
-            if n.is_empty() || !n.trim_end_matches(['a', 'f']).chars().all(|c| c.is_ascii_digit()) {
+            if n.is_empty()
+                || !n
+                    .trim_end_matches(['a', 'f'])
+                    .chars()
+                    .all(|c| c.is_ascii_digit())
+            {
                 return Err(format!("`{a}` is not compute_NN"));
             }
             flags.push(format!("-gencode=arch=compute_{n},code=compute_{n}"));

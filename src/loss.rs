@@ -90,10 +90,18 @@ impl<'a, T: Element> LossInputs<'a, T> {
         };
         let nonempty = |m: &MatRef<'a, T>| -> Result<()> {
             if m.rows() == 0 {
-                return Err(Error::shape(m.name(), shape(m), "at least one row (N >= 1)"));
+                return Err(Error::shape(
+                    m.name(),
+                    shape(m),
+                    "at least one row (N >= 1)",
+                ));
             }
             if m.cols() == 0 {
-                return Err(Error::shape(m.name(), shape(m), "at least one column (D >= 1)"));
+                return Err(Error::shape(
+                    m.name(),
+                    shape(m),
+                    "at least one column (D >= 1)",
+                ));
             }
             Ok(())
         };
@@ -158,8 +166,10 @@ impl<'a, T: Element> LossInputs<'a, T> {
                                 format!("[{n}] (one target per query row)"),
                             ));
                         }
-                        if let Some((i, &y)) =
-                            t.iter().enumerate().find(|(_, &y)| y < 0 || y as usize >= m)
+                        if let Some((i, &y)) = t
+                            .iter()
+                            .enumerate()
+                            .find(|(_, &y)| y < 0 || y as usize >= m)
                         {
                             return Err(Error::parameter(
                                 format!("targets[{i}]"),

@@ -290,7 +290,11 @@ impl LossSpecBuilder {
                 tau_min, tau_max, ..
             } => {
                 if !(tau_min.is_finite() && tau_min > 0.0) {
-                    return Err(Error::parameter("tau_min", tau_min, "must be finite and > 0"));
+                    return Err(Error::parameter(
+                        "tau_min",
+                        tau_min,
+                        "must be finite and > 0",
+                    ));
                 }
                 if !(tau_max.is_finite() && tau_max >= tau_min) {
                     return Err(Error::parameter(

@@ -129,7 +129,11 @@ impl<'a, T: Element> MatRef<'a, T> {
     /// Fails with [`Error::Shape`] when `data.len() != rows * cols`.
     pub fn new(name: &'static str, data: &'a [T], rows: usize, cols: usize) -> Result<Self> {
         let expected = rows.checked_mul(cols).ok_or_else(|| {
-            Error::shape(name, format!("[{rows}, {cols}]"), "a shape whose size fits in usize")
+            Error::shape(
+                name,
+                format!("[{rows}, {cols}]"),
+                "a shape whose size fits in usize",
+            )
         })?;
         if data.len() != expected {
             return Err(Error::shape(

@@ -15,5 +15,7 @@ pub fn evaluate<T: Element>(
     upstream: &Upstream,
 ) -> Result<LossOutput> {
     let _ = (spec, inputs, upstream);
-    Err(crate::Error::Unsupported("cpu::evaluate: not written yet".into()))
+    Err(crate::Error::Unsupported(
+        "cpu::evaluate: not written yet".into(),
+    ))
 }

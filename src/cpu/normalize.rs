@@ -47,7 +47,11 @@ pub fn normalize_rows_backward(u: &[f64], inv_norm: &[f64], du: &[f64], cols: us
         return Vec::new();
     }
     let mut dx = Vec::with_capacity(u.len());
-    for ((ur, gr), &i) in u.chunks_exact(cols).zip(du.chunks_exact(cols)).zip(inv_norm) {
+    for ((ur, gr), &i) in u
+        .chunks_exact(cols)
+        .zip(du.chunks_exact(cols))
+        .zip(inv_norm)
+    {
         dx.extend(normalize_row_backward(ur, i, gr));
     }
     dx

@@ -1,4 +1,18 @@
 //! The CUDA backend: device handle, embedded kernels, device matrices and kernel launches.
+//!
+//! Nothing here panics on a machine without CUDA: [`Gpu::new`] checks for the driver library first
+//! and returns [`Error::NoCudaDriver`]; a build without nvcc returns [`Error::KernelsNotBuilt`].
+
+pub mod device;
+pub mod launch;
+pub mod matrix;
+pub mod module;
+pub mod normalize;
+
+pub use device::{
+    device_count, driver_present, driver_version, list_devices, DeviceProperties, Gpu,
+};
+pub use matrix::{DeviceElement, DeviceMatrix};
 
 use crate::error::{Error, Result};
 use crate::loss::{LossInputs, LossOutput, Upstream};
@@ -12,6 +26,7 @@ pub fn evaluate<T: Element>(
     inputs: &LossInputs<'_, T>,
     upstream: &Upstream,
 ) -> Result<LossOutput> {
+    let _gpu = Gpu::new(0)?;
     let _ = (spec, inputs, upstream);
     Err(Error::Unsupported("cuda::evaluate: not written yet".into()))
 }

@@ -6,7 +6,9 @@ pub struct Args {}
 
 /// Runs `infonce bench`.
 pub fn run(_args: &Args) -> fused_infonce::Result<()> {
-    Err(fused_infonce::Error::Unsupported("`infonce bench` is not implemented yet".into()))
+    Err(fused_infonce::Error::Unsupported(
+        "`infonce bench` is not implemented yet".into(),
+    ))
 }
 
 /// The benchmarks that fit this machine (no-argument run).

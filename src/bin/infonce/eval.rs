@@ -6,5 +6,7 @@ pub struct Args {}
 
 /// Runs `infonce eval`.
 pub fn run(_args: &Args) -> fused_infonce::Result<()> {
-    Err(fused_infonce::Error::Unsupported("`infonce eval` is not implemented yet".into()))
+    Err(fused_infonce::Error::Unsupported(
+        "`infonce eval` is not implemented yet".into(),
+    ))
 }

@@ -6,7 +6,9 @@ pub struct Args {}
 
 /// Runs `infonce sweep`.
 pub fn run(_args: &Args) -> fused_infonce::Result<()> {
-    Err(fused_infonce::Error::Unsupported("`infonce sweep` is not implemented yet".into()))
+    Err(fused_infonce::Error::Unsupported(
+        "`infonce sweep` is not implemented yet".into(),
+    ))
 }
 
 /// A short sweep on the built-in data (no-argument run).

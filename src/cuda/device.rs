@@ -1,0 +1,218 @@
+//! The [`Gpu`] handle: a CUDA context and the stream every op of this crate runs on, the device's
+//! properties, and the lazily loaded kernel modules.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::sys::{self, CUdevice_attribute as Attr};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverError};
+
+use super::module;
+use crate::error::{Error, Result};
+
+/// What the crate needs to know about a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceProperties {
+    /// Device ordinal.
+    pub ordinal: usize,
+    /// Marketing name, e.g. `NVIDIA H100 80GB HBM3`.
+    pub name: String,
+    /// Compute capability (major, minor), e.g. (9, 0).
+    pub compute_capability: (i32, i32),
+    /// Number of streaming multiprocessors.
+    pub sm_count: u32,
+    /// Total device memory in bytes.
+    pub total_memory: usize,
+    /// Largest dynamic shared memory a block may opt in to, in bytes.
+    pub max_shared_per_block: u32,
+    /// Largest block size.
+    pub max_threads_per_block: u32,
+    /// Largest grid in x.
+    pub max_grid_x: u32,
+    /// Largest grid in y (and z).
+    pub max_grid_y: u32,
+}
+
+/// Whether the CUDA driver library can be loaded on this machine (never panics).
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to dlopen the driver library by its usual names; loads nothing else.
+    unsafe { sys::is_culib_present() }
+}
+
+/// The installed driver's CUDA version as (major, minor), e.g. (13, 0).
+pub fn driver_version() -> Result<(i32, i32)> {
+    if !driver_present() {
+        return Err(Error::NoCudaDriver);
+    }
+    let mut v = 0i32;
+    // SAFETY: the library is present (checked above); the call writes one int.
+    unsafe { sys::cuDriverGetVersion(&mut v) }.result()?;
+    Ok((v / 1000, (v % 1000) / 10))
+}
+
+/// The number of CUDA devices (an error without a driver).
+pub fn device_count() -> Result<usize> {
+    if !driver_present() {
+        return Err(Error::NoCudaDriver);
+    }
+    Ok(CudaContext::device_count()?.max(0) as usize)
+}
+
+/// Properties of every device, without keeping contexts alive.
+pub fn list_devices() -> Result<Vec<DeviceProperties>> {
+    (0..device_count()?)
+        .map(|i| {
+            let ctx = CudaContext::new(i)?;
+            properties(&ctx)
+        })
+        .collect()
+}
+
+fn properties(ctx: &Arc<CudaContext>) -> Result<DeviceProperties> {
+    let attr = |a: Attr| -> Result<u32> { Ok(ctx.attribute(a)?.max(0) as u32) };
+    Ok(DeviceProperties {
+        ordinal: ctx.ordinal(),
+        name: ctx.name()?,
+        compute_capability: ctx.compute_capability()?,
+        sm_count: attr(Attr::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
+        total_memory: ctx.total_mem()?,
+        max_shared_per_block: attr(Attr::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?,
+        max_threads_per_block: attr(Attr::CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_BLOCK)?,
+        max_grid_x: attr(Attr::CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_X)?,
+        max_grid_y: attr(Attr::CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_Y)?,
+    })
+}
+
+/// A CUDA device with the stream this crate's ops are queued on.
+///
+/// Create one with [`Gpu::new`] (its own context's default stream) or wrap an engine's stream with
+/// [`Gpu::from_stream`], so the loss runs in order with the engine's other work. Kernel modules
+/// are loaded on first use and cached.
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    props: DeviceProperties,
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+}
+
+impl std::fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gpu").field("props", &self.props).finish()
+    }
+}
+
+impl Gpu {
+    /// Opens device `ordinal` on a new stream of its primary context.
+    ///
+    /// Returns [`Error::NoCudaDriver`] when the driver library is missing (never panics),
+    /// [`Error::NoDevice`] when there is no such device.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        let n = device_count()?;
+        if ordinal >= n {
+            return Err(Error::NoDevice(if n == 0 {
+                "the CUDA driver reports no device".to_string()
+            } else {
+                format!("device {ordinal} requested, {n} present")
+            }));
+        }
+        let ctx = CudaContext::new(ordinal)?;
+        let stream = ctx.new_stream()?;
+        Self::from_stream(stream)
+    }
+
+    /// Opens device 0; the error says why there is no usable GPU (no driver, no device), which is
+    /// how tests and tools decide to skip GPU work.
+    pub fn first() -> std::result::Result<Self, Error> {
+        Self::new(0)
+    }
+
+    /// Wraps a caller's stream (e.g. a training engine's), so every op of this crate is queued on
+    /// it, in order with the caller's work.
+    pub fn from_stream(stream: Arc<CudaStream>) -> Result<Self> {
+        let ctx = stream.context().clone();
+        let props = properties(&ctx)?;
+        Ok(Self {
+            ctx,
+            stream,
+            props,
+            modules: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The device's properties.
+    pub fn properties(&self) -> &DeviceProperties {
+        &self.props
+    }
+    /// The context.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+    /// The stream ops are queued on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Waits for the stream.
+    pub fn synchronize(&self) -> Result<()> {
+        Ok(self.stream.synchronize()?)
+    }
+
+    /// The kernel `function` of the embedded module `module` (the `kernels/<module>.cu` file),
+    /// loading the module on first use.
+    pub fn function(&self, module: &'static str, function: &str) -> Result<CudaFunction> {
+        let m = {
+            let mut cache = self.modules.lock().unwrap_or_else(|p| p.into_inner());
+            match cache.get(module) {
+                Some(m) => m.clone(),
+                None => {
+                    let m = self.load_module(module)?;
+                    cache.insert(module, m.clone());
+                    m
+                }
+            }
+        };
+        m.load_function(function).map_err(|e| {
+            if e.0 == sys::cudaError_enum::CUDA_ERROR_NOT_FOUND {
+                Error::Unsupported(format!("kernel `{function}` is not in module `{module}`"))
+            } else {
+                Error::Driver(e)
+            }
+        })
+    }
+
+    fn load_module(&self, name: &'static str) -> Result<Arc<CudaModule>> {
+        if !module::kernels_built() {
+            return Err(Error::KernelsNotBuilt);
+        }
+        let bytes = module::fatbin(name).ok_or_else(|| {
+            Error::Unsupported(format!("no embedded kernel module `{name}` in this build"))
+        })?;
+        let image = cudarc::nvrtc::Ptx::from_binary(bytes.to_vec());
+        self.ctx.load_module(image).map_err(|e: DriverError| {
+            if e.0 == sys::cudaError_enum::CUDA_ERROR_NO_BINARY_FOR_GPU
+                || e.0 == sys::cudaError_enum::CUDA_ERROR_UNSUPPORTED_PTX_VERSION
+            {
+                let (maj, min) = self.props.compute_capability;
+                Error::NoKernelImage(format!(
+                    "module `{name}` was built for {:?} and has no code for sm_{maj}{min} that this \
+                     driver can load ({e}); rebuild with FUSED_INFONCE_CUDA_ARCHS including sm_{maj}{min}",
+                    module::TARGET_ARCHS
+                ))
+            } else {
+                Error::Driver(e)
+            }
+        })
+    }
+
+    /// In debug builds, waits for the stream and reports an asynchronous error of the launch of
+    /// `kernel` right away (release builds report it at the next synchronising call).
+    pub fn check_launch(&self, kernel: &'static str) -> Result<()> {
+        if cfg!(debug_assertions) {
+            self.stream.synchronize().map_err(|e| Error::Launch {
+                kernel,
+                reason: format!("asynchronous error after launch: {e}"),
+            })?;
+        }
+        Ok(())
+    }
+}

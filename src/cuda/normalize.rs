@@ -1,0 +1,134 @@
+//! Row-wise L2 normalisation on the device (kernels/normalize.cu), forward and backward.
+//!
+//! `u = x / max(‖x‖₂, 1e-12)` with the per-row `inv_norm = 1 / max(‖x‖, ε)` kept for the backward
+//! `dx = (du − u (u·du)) · inv_norm`. The fused loss kernels normalise on the fly; these kernels are
+//! the standalone op (and the first kernel checked end to end against the CPU reference).
+
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+
+use super::device::Gpu;
+use super::launch;
+use super::matrix::{DeviceElement, DeviceMatrix};
+use crate::error::{Error, Result};
+
+const KERNEL: &str = "normalize";
+/// Rows per block: one warp per row.
+const ROWS_PER_BLOCK: usize = 8;
+
+/// The launch configuration of both normalisation kernels for `rows` rows.
+fn config(gpu: &Gpu, rows: usize) -> Result<LaunchConfig> {
+    launch::checked(
+        gpu,
+        KERNEL,
+        LaunchConfig {
+            grid_dim: (launch::grid_dim(KERNEL, rows, ROWS_PER_BLOCK)?, 1, 1),
+            block_dim: (32 * ROWS_PER_BLOCK as u32, 1, 1),
+            shared_mem_bytes: 0,
+        },
+    )
+}
+
+fn cols_i32(cols: usize) -> Result<i32> {
+    i32::try_from(cols).map_err(|_| Error::shape("x", format!("{cols} columns"), "D < 2^31"))
+}
+
+fn check_len<T>(name: &'static str, s: &CudaSlice<T>, want: usize) -> Result<()> {
+    if s.len() < want {
+        return Err(Error::shape(
+            name,
+            format!("{} elements", s.len()),
+            format!("at least {want}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Normalises the rows of `x` into `u` (same shape) and `inv_norm` (one f32 per row).
+pub fn normalize_rows_into<T: DeviceElement>(
+    gpu: &Gpu,
+    x: &DeviceMatrix<T>,
+    u: &mut DeviceMatrix<T>,
+    inv_norm: &mut CudaSlice<f32>,
+) -> Result<()> {
+    if (u.rows(), u.cols()) != (x.rows(), x.cols()) {
+        return Err(Error::shape(
+            "u",
+            format!("[{}, {}]", u.rows(), u.cols()),
+            format!("[{}, {}] (as x)", x.rows(), x.cols()),
+        ));
+    }
+    check_len("inv_norm", inv_norm, x.rows())?;
+    if x.rows() == 0 || x.cols() == 0 {
+        return Ok(());
+    }
+    let f = gpu.function(KERNEL, &format!("normalize_fwd_{}", T::DTYPE.name()))?;
+    let cfg = config(gpu, x.rows())?;
+    let (rows, cols) = (x.rows() as i64, cols_i32(x.cols())?);
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(x.slice())
+        .arg(u.slice_mut())
+        .arg(inv_norm)
+        .arg(&rows)
+        .arg(&cols);
+    // SAFETY: the kernel's signature is (const T*, T*, float*, int64_t, int); the buffers hold
+    // rows*cols (x, u) and rows (inv_norm) elements, checked above.
+    unsafe { b.launch(cfg) }?;
+    gpu.check_launch(KERNEL)
+}
+
+/// Normalises the rows of `x`: returns `u` and `inv_norm`.
+pub fn normalize_rows<T: DeviceElement>(
+    gpu: &Gpu,
+    x: &DeviceMatrix<T>,
+) -> Result<(DeviceMatrix<T>, CudaSlice<f32>)> {
+    let mut u = DeviceMatrix::zeros(gpu, x.rows(), x.cols())?;
+    let mut inv = gpu.stream().alloc_zeros::<f32>(x.rows().max(1))?;
+    normalize_rows_into(gpu, x, &mut u, &mut inv)?;
+    Ok((u, inv))
+}
+
+/// The backward of [`normalize_rows`]: from `x`, its `inv_norm` and `du` (f32, shaped as x), writes
+/// `dx` (f32, shaped as x).
+pub fn normalize_rows_backward_into<T: DeviceElement>(
+    gpu: &Gpu,
+    x: &DeviceMatrix<T>,
+    inv_norm: &CudaSlice<f32>,
+    du: &CudaSlice<f32>,
+    dx: &mut CudaSlice<f32>,
+) -> Result<()> {
+    let n = x.rows() * x.cols();
+    check_len("inv_norm", inv_norm, x.rows())?;
+    check_len("du", du, n)?;
+    check_len("dx", dx, n)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let f = gpu.function(KERNEL, &format!("normalize_bwd_{}", T::DTYPE.name()))?;
+    let cfg = config(gpu, x.rows())?;
+    let (rows, cols) = (x.rows() as i64, cols_i32(x.cols())?);
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(x.slice())
+        .arg(inv_norm)
+        .arg(du)
+        .arg(dx)
+        .arg(&rows)
+        .arg(&cols);
+    // SAFETY: signature (const T*, const float*, const float*, float*, int64_t, int); lengths
+    // checked above.
+    unsafe { b.launch(cfg) }?;
+    gpu.check_launch(KERNEL)
+}
+
+/// The backward of [`normalize_rows`], allocating `dx`.
+pub fn normalize_rows_backward<T: DeviceElement>(
+    gpu: &Gpu,
+    x: &DeviceMatrix<T>,
+    inv_norm: &CudaSlice<f32>,
+    du: &CudaSlice<f32>,
+) -> Result<CudaSlice<f32>> {
+    let mut dx = gpu
+        .stream()
+        .alloc_zeros::<f32>((x.rows() * x.cols()).max(1))?;
+    normalize_rows_backward_into(gpu, x, inv_norm, du, &mut dx)?;
+    Ok(dx)
+}
