@@ -216,3 +216,19 @@ impl Gpu {
         Ok(())
     }
 }
+
+/// Opens device 0 for a test or a tool, or writes `skipped: no CUDA device (<reason>)` for
+/// `what` to stderr and returns `None`.
+///
+/// The line is written to the process's stderr directly, not through `eprintln!`, so that
+/// `cargo test` shows it even for passing tests whose output it captures.
+pub fn gpu_or_skip(what: &str) -> Option<Gpu> {
+    match Gpu::new(0) {
+        Ok(g) => Some(g),
+        Err(e) => {
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "{what}: skipped: no CUDA device ({e})");
+            None
+        }
+    }
+}

@@ -10,7 +10,7 @@ pub mod module;
 pub mod normalize;
 
 pub use device::{
-    device_count, driver_present, driver_version, list_devices, DeviceProperties, Gpu,
+    device_count, driver_present, driver_version, gpu_or_skip, list_devices, DeviceProperties, Gpu,
 };
 pub use matrix::{DeviceElement, DeviceMatrix};
 
