@@ -43,5 +43,10 @@ pub use loss::{Gradient, LossInputs, LossOutput, LossValue, Shape, Upstream};
 pub use spec::{DystressGrad, LossSpec, LossSpecBuilder, Mode, Reduction, Temperature, Variant};
 pub use tensor::{DType, Element, MatRef, Matrix};
 
+/// The README's examples, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 /// Re-exported so callers can name the half-precision types without depending on `half`.
 pub use half::{bf16, f16};
