@@ -4,6 +4,7 @@
 //! and returns [`Error::NoCudaDriver`]; a build without nvcc returns [`Error::KernelsNotBuilt`].
 
 pub mod device;
+pub mod fused;
 pub mod launch;
 pub mod matrix;
 pub mod module;
@@ -11,6 +12,10 @@ pub mod normalize;
 
 pub use device::{
     device_count, driver_present, driver_version, gpu_or_skip, list_devices, DeviceProperties, Gpu,
+};
+pub use fused::{
+    evaluate_device, DeviceGrad, DeviceInputs, DeviceOptions, DeviceOutput, GradDType, GradFilter,
+    KernelPath, QueueView,
 };
 pub use matrix::{DeviceElement, DeviceMatrix};
 
