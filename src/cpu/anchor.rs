@@ -93,12 +93,22 @@ pub(crate) fn anchor_loss(
     } else {
         LsePartial::of(&[z_pos]).merge(neg).lse()
     };
-    let loss = lse - z_pos;
-    // ∂L/∂z: standard P_c − [c = +]; decoupled −1 for the positive, softmax over negatives.
-    let dz_pos = if decoupled {
-        -w
-    } else {
-        w * ((z_pos - lse).exp() - 1.0)
+    // Standard: L = log(1 + r), r = Σ_j exp(z_j − z+). When the positive is the largest logit
+    // r ≤ #negatives cannot overflow, and ln_1p keeps L's relative precision as L → 0, where
+    // `lse − z+` rounds L to a multiple of ulp(z+) (3e-11 relative for the logits [10, 20, 30] of
+    // spec/losses.md's limits, exactly 0 for [100, 200, 300]).
+    let r = (!decoupled && z_pos.is_finite() && neg.max <= z_pos)
+        .then(|| neg.sum * (neg.max - z_pos).exp());
+    let loss = match r {
+        Some(r) => r.ln_1p(),
+        None => lse - z_pos,
+    };
+    // ∂L/∂z: standard P_c − [c = +] (P+ − 1 = −r/(1 + r)); decoupled −1 for the positive,
+    // softmax over negatives.
+    let dz_pos = match r {
+        _ if decoupled => -w,
+        Some(r) => -w * (r / (1.0 + r)),
+        None => w * ((z_pos - lse).exp() - 1.0),
     };
     let dz_neg: Vec<f64> = z_neg
         .iter()
