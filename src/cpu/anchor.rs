@@ -22,17 +22,20 @@ pub(crate) struct AnchorOut {
 
 /// The hard-negative selection (Wang & Liu eq. 9): `s_j ≥ s_(k)`, ties at the threshold kept.
 /// `k ≥ #negatives` (or no k) keeps every negative. Ordering by `f64::total_cmp`, so NaN never
-/// panics (a positive NaN counts as the largest value).
+/// panics; a NaN of either sign counts as the largest value, so it is selected and propagates
+/// (`total_cmp` alone would rank a negative NaN, what x86 makes of 0/0 or ∞·0, below −∞ and drop
+/// it silently).
 pub(crate) fn select(s_neg: &[f64], k: Option<usize>) -> Vec<bool> {
     let Some(k) = k.filter(|&k| k < s_neg.len()) else {
         return vec![true; s_neg.len()];
     };
-    let mut sorted = s_neg.to_vec();
+    let key = |x: f64| if x.is_nan() { f64::NAN } else { x };
+    let mut sorted: Vec<f64> = s_neg.iter().map(|&s| key(s)).collect();
     sorted.sort_unstable_by(|a, b| b.total_cmp(a));
     let thr = sorted[k - 1];
     s_neg
         .iter()
-        .map(|&s| s >= thr || s.total_cmp(&thr) != Ordering::Less)
+        .map(|&s| s >= thr || key(s).total_cmp(&thr) != Ordering::Less)
         .collect()
 }
 
@@ -150,6 +153,11 @@ mod tests {
         assert_eq!(select(&s, Some(9)), vec![true; 5]);
         let with_nan = [0.1, f64::NAN, 0.3];
         assert_eq!(select(&with_nan, Some(2)), vec![false, true, true]);
+        let with_negative_nan = [0.1, -f64::NAN, 0.3];
+        assert_eq!(
+            select(&with_negative_nan, Some(1)),
+            vec![false, true, false]
+        );
     }
 
     #[test]
