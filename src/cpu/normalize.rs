@@ -6,7 +6,14 @@ pub const NORM_EPS: f64 = 1e-12;
 /// Normalises one row: returns `(u, 1 / max(‖x‖, ε))`.
 pub fn normalize_row(x: &[f64]) -> (Vec<f64>, f64) {
     let norm = x.iter().map(|v| v * v).sum::<f64>().sqrt();
-    let inv = 1.0 / norm.max(NORM_EPS);
+    // As torch's clamp_min, a NaN norm stays NaN (`f64::max` would return ε and scale the row's
+    // other elements, and their gradients, by 1e12).
+    let inv = 1.0
+        / if norm.is_nan() {
+            norm
+        } else {
+            norm.max(NORM_EPS)
+        };
     (x.iter().map(|v| v * inv).collect(), inv)
 }
 
@@ -72,6 +79,14 @@ mod tests {
     fn zero_row_stays_zero() {
         let (u, _) = normalize_row(&[0.0, 0.0, 0.0]);
         assert_eq!(u, vec![0.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn nan_row_is_nan() {
+        let (u, inv) = normalize_row(&[f64::NAN, 1.0]);
+        assert!(u.iter().all(|x| x.is_nan()) && inv.is_nan());
+        let dx = normalize_row_backward(&u, inv, &[1.0, 1.0]);
+        assert!(dx.iter().all(|x| x.is_nan()));
     }
 
     #[test]
