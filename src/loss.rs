@@ -317,6 +317,13 @@ impl Upstream {
                         format!("[{count}] (one weight per anchor loss)"),
                     ));
                 }
+                if let Some((i, &x)) = w.iter().enumerate().find(|(_, x)| !x.is_finite()) {
+                    return Err(Error::parameter(
+                        format!("upstream[{i}]"),
+                        x,
+                        "must be finite",
+                    ));
+                }
                 Ok(w.clone())
             }
         }
