@@ -121,9 +121,8 @@ impl<'a, T: Element> LossInputs<'a, T> {
                         format!("[{n}, {d}] (one positive per query)"),
                     ));
                 }
-                if queue.cols() != d && queue.rows() > 0 {
-                    same_d(&queue, d, "query")?;
-                }
+                // Even an empty queue must be [0, D]: a width mismatch is a caller's bug.
+                same_d(&queue, d, "query")?;
                 Shape {
                     anchors: n,
                     keys: queue.rows(),

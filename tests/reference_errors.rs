@@ -106,6 +106,11 @@ fn shape_errors_name_the_tensor() {
         "N = 0",
     );
     expect_err(
+        queue(&q, (2, 3), (2, 3), (0, 5)),
+        &["queue", "[0, 5]", "[0, 3]"],
+        "empty queue of the wrong width",
+    );
+    expect_err(
         queue(&q, (2, 0), (2, 0), (4, 0)),
         &["query", "D >= 1"],
         "D = 0",
