@@ -33,7 +33,7 @@ pub struct Args {
     #[arg(
         long,
         value_name = "T",
-        allow_negative_numbers = true,
+        allow_hyphen_values = true,
         conflicts_with = "dystress"
     )]
     pub temperature: Option<f64>,
