@@ -1241,3 +1241,136 @@ fn cuda_backend_without_a_gpu_is_one_line() {
         );
     }
 }
+
+#[test]
+fn empty_queue_is_the_zero_loss() {
+    let mut p = problem::<f32>(Mode::Queue, 3, 0, 4, 110);
+    p.mats[2] = ("queue", vec![], 0, 4);
+    let sp = spec(Mode::Queue).build().expect("spec");
+    let got = p.check("empty queue", &sp, &[]);
+    assert_eq!(got["loss"].1, vec![0.0]);
+    assert_eq!(got["grad_queue"].0, vec![0, 4]);
+}
+
+#[test]
+fn summary_reports_the_loss() {
+    let p = problem::<f32>(Mode::Queue, 3, 5, 4, 111);
+    let s = Scratch::new(&p.file());
+    let o = s.eval(&["--temperature", "0.3"]);
+    assert_success("summary", &o, &s);
+    let sp = spec(Mode::Queue).temperature(0.3).build().expect("spec");
+    let loss = p.reference(&sp).loss.scalar().expect("scalar");
+    let out = stdout(&o);
+    let printed: f64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("loss = "))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no `loss = ` line in {out}"));
+    assert!(
+        (printed - loss).abs() <= 1e-8 * loss.abs(),
+        "summary says {printed}, the loss is {loss}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The library side: fused_infonce::io.
+
+mod io_api {
+    use super::*;
+    use fused_infonce::io::{output_tensors, write_f32, OutputTensor, TensorFile};
+    use fused_infonce::Error;
+
+    #[test]
+    fn reads_typed_tensors() {
+        let q: Vec<f16> = [1.0, -2.0, 0.5, 4.0, 0.25, -1.5]
+            .iter()
+            .map(|&x| f16::from_f64(x))
+            .collect();
+        let s = Scratch::new(&[
+            In::new(
+                "query",
+                Dtype::F16,
+                vec![2, 3],
+                bytemuck::cast_slice(&q).to_vec(),
+            ),
+            In::new(
+                "targets",
+                Dtype::I32,
+                vec![2],
+                bytemuck::cast_slice(&[7i32, -3]).to_vec(),
+            ),
+            In::f32("up_scalar", vec![], &[2.0]),
+            In::f32("up_vector", vec![2], &[1.0, 3.0]),
+        ]);
+        let f = TensorFile::read(&s.input).expect("read");
+        assert_eq!(
+            f.names().collect::<Vec<_>>(),
+            ["query", "targets", "up_scalar", "up_vector"]
+        );
+        assert_eq!(
+            f.float_dtype("query").expect("dtype"),
+            fused_infonce::DType::F16
+        );
+        let m = f.matrix::<f16>("query").expect("matrix");
+        assert_eq!((m.rows(), m.cols()), (2, 3));
+        assert_eq!(m.view().expect("view").get(1, 2), -1.5);
+        assert!(matches!(f.matrix::<f32>("query"), Err(Error::Input(_))));
+        assert_eq!(f.targets("targets").expect("targets"), vec![7i64, -3]);
+        assert_eq!(f.upstream("up_scalar").expect("up"), Upstream::Scalar(2.0));
+        assert_eq!(
+            f.upstream("up_vector").expect("up"),
+            Upstream::PerAnchor(vec![1.0, 3.0])
+        );
+        let e = f.matrix::<f32>("nope").expect_err("missing");
+        assert!(e.to_string().contains("`nope`"), "{e}");
+        assert!(matches!(f.targets("query"), Err(Error::Shape { .. })));
+    }
+
+    #[test]
+    fn writes_atomically_and_checks_shapes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("o.safetensors");
+        let bad = [OutputTensor::new("x", vec![2, 2], vec![1.0; 3])];
+        assert!(matches!(write_f32(&path, &bad), Err(Error::Shape { .. })));
+        let dup = [
+            OutputTensor::scalar("x", 1.0),
+            OutputTensor::scalar("x", 2.0),
+        ];
+        assert!(write_f32(&path, &dup).is_err());
+        assert_eq!(std::fs::read_dir(dir.path()).expect("dir").count(), 0);
+        let ok = [
+            OutputTensor::scalar("loss", 0.5),
+            OutputTensor::vector("lse", &[1.0, 2.0]),
+        ];
+        write_f32(&path, &ok).expect("write");
+        let got = read_output(&path);
+        assert_eq!(got["loss"], (vec![], vec![0.5]));
+        assert_eq!(got["lse"], (vec![2], vec![1.0, 2.0]));
+        assert_eq!(std::fs::read_dir(dir.path()).expect("dir").count(), 1);
+    }
+
+    #[test]
+    fn output_names_follow_the_contract() {
+        let p = problem::<f32>(Mode::Symmetric, 3, 0, 4, 120);
+        let sp = spec(Mode::Symmetric)
+            .learnable_temperature(0.1)
+            .reduction(Reduction::None)
+            .build()
+            .expect("spec");
+        let out = p.reference(&sp);
+        let names: Vec<String> = output_tensors(&out).into_iter().map(|t| t.name).collect();
+        assert_eq!(
+            names,
+            [
+                "loss_rows",
+                "loss_cols",
+                "lse",
+                "lse_cols",
+                "grad_query",
+                "grad_key",
+                "grad_temperature"
+            ]
+        );
+    }
+}
