@@ -1,4 +1,5 @@
-//! Reading and writing safetensors files of embeddings, targets, upstream gradients and results.
+//! Reading and writing safetensors files of embeddings, targets (or class labels), upstream
+//! gradients and results.
 //!
 //! [`TensorFile`] reads a whole safetensors file (as written by PyTorch's
 //! `safetensors.torch.save_file`) and hands out its tensors typed and checked: input matrices

@@ -47,7 +47,7 @@ pub struct Args {
     #[arg(long, value_enum, requires = "dystress")]
     pub dystress_grad: Option<DystressGradArg>,
     /// The loss variant: standard, decoupled, hard:K (the K hardest negatives) or
-    /// simple[:LAMBDA] (default λ = 1/#negatives).
+    /// simple or simple:LAMBDA (default λ = 1/#negatives).
     #[arg(
         long,
         value_name = "standard|decoupled|hard:K|simple[:LAMBDA]",
