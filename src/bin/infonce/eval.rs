@@ -46,8 +46,8 @@ pub struct Args {
     /// Gradient through the DySTreSS temperature (default detach).
     #[arg(long, value_enum, requires = "dystress")]
     pub dystress_grad: Option<DystressGradArg>,
-    /// The loss variant: standard, decoupled, hard:K (the K hardest negatives) or
-    /// simple or simple:LAMBDA (default λ = 1/#negatives).
+    /// The loss variant: standard, decoupled, hard:K (the K hardest negatives), simple, or
+    /// simple:LAMBDA (simple's default λ is 1/#negatives).
     #[arg(
         long,
         value_name = "standard|decoupled|hard:K|simple[:LAMBDA]",
