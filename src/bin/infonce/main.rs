@@ -39,7 +39,8 @@ fn main() {
         None => run_all(),
     };
     if let Err(e) = result {
-        eprintln!("error: {e}");
+        // One line on stderr, whatever the message holds.
+        eprintln!("infonce: error: {}", e.to_string().replace('\n', " "));
         std::process::exit(1);
     }
 }
