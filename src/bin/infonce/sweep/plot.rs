@@ -11,6 +11,10 @@ use plotters::prelude::*;
 use std::path::Path;
 
 const FONT: &str = "sans-serif";
+/// "DySTreSS" as drawn: plotters' ab_glyph text drops each glyph's left bearing, so the
+/// negative T–r kerning pulls the "r" under the "T"; a hair space (U+200A) between them
+/// keeps the word readable.
+const DYSTRESS: &str = "DyST\u{200A}reSS";
 static DEJAVU_SANS: &[u8] = include_bytes!(concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/assets/fonts/DejaVuSans.ttf"
@@ -151,7 +155,7 @@ impl Figure {
         let label = |t: &Temperature| match *t {
             Temperature::Dystress {
                 tau_min, tau_max, ..
-            } => format!("DySTreSS τ(s) ∈ [{tau_min}, {tau_max}]"),
+            } => format!("{DYSTRESS} τ(s) ∈ [{tau_min}, {tau_max}]"),
             Temperature::Fixed(x) | Temperature::Learnable(x) => format!("τ = {x}"),
         };
         let centers = report
@@ -269,7 +273,7 @@ fn draw_on<DB: DrawingBackend>(fig: &Figure, root: &DrawingArea<DB, Shift>) -> D
             against_tau(
                 &areas[1],
                 pts,
-                "tolerance (mean same-class similarity)",
+                "tolerance (mean same-label similarity)",
                 |p| p.tolerance,
                 false,
             )?;
@@ -404,7 +408,9 @@ fn against_tau<DB: DrawingBackend>(
         .map_err(err)?;
     chart
         .configure_mesh()
-        .x_desc("temperature τ (log scale; DySTreSS at √(τmin·τmax))")
+        .x_desc(format!(
+            "temperature τ (log scale; {DYSTRESS} at √(τmin·τmax))"
+        ))
         .y_desc(what)
         .axis_desc_style((FONT, 14))
         .label_style((FONT, 13))
