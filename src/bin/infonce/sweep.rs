@@ -527,6 +527,24 @@ fn progress_bar(len: u64) -> ProgressBar {
     bar
 }
 
+/// The fixed-temperature rows `(τ, row)` sorted from the highest τ to the lowest.
+fn fixed_by_falling_tau<R>(rows: &[R], tau: impl Fn(&R) -> Option<f64>) -> Vec<(f64, &R)> {
+    let mut v: Vec<(f64, &R)> = rows.iter().filter_map(|r| tau(r).map(|t| (t, r))).collect();
+    v.sort_by(|a, b| b.0.total_cmp(&a.0));
+    v
+}
+
+/// How a metric moves as τ falls: "falls at every step", "rises at every step" or "not monotone".
+fn trend(values: &[f64]) -> &'static str {
+    if values.windows(2).all(|w| w[1] < w[0]) {
+        "falls at every step"
+    } else if values.windows(2).all(|w| w[1] > w[0]) {
+        "rises at every step"
+    } else {
+        "not monotone"
+    }
+}
+
 fn print_picture(fixed: &Fixed, pic: &Picture, threshold: f64, negatives: usize) {
     println!(
         "sweep: gradient picture on {} ({} mode, {} negatives per anchor)",
@@ -561,6 +579,20 @@ fn print_picture(fixed: &Fixed, pic: &Picture, threshold: f64, negatives: usize)
             "  {:<18} {:>9.4} {:>10.1} {:>10.4} {:>11.3} {:>12.2}",
             r.label, r.loss, r.effective_negatives, r.gradient_norm, r.share_above_threshold, peak
         );
+    }
+    let f = fixed_by_falling_tau(&pic.rows, |r| r.tau);
+    if let (Some(hi), Some(lo)) = (f.first(), f.last()) {
+        if f.len() > 1 {
+            println!(
+                "  as τ falls {} → {}: effective negatives {:.0} → {:.0}, the negatives' gradient on s ≥ {threshold} {:.0}% → {:.0}%",
+                hi.0,
+                lo.0,
+                hi.1.effective_negatives,
+                lo.1.effective_negatives,
+                100.0 * hi.1.share_above_threshold,
+                100.0 * lo.1.share_above_threshold
+            );
+        }
     }
 }
 
@@ -605,6 +637,24 @@ fn print_train(report: &TrainReport) {
             a.alignment,
             a.knn_accuracy
         );
+    }
+    let f = fixed_by_falling_tau(&report.results, |r| r.tau);
+    if let (Some(hi), Some(lo)) = (f.first(), f.last()) {
+        if f.len() > 1 {
+            let tol: Vec<f64> = f.iter().map(|r| r.1.result.after.tolerance).collect();
+            let uni: Vec<f64> = f.iter().map(|r| r.1.result.after.uniformity).collect();
+            println!(
+                "  as τ falls {} → {}: tolerance {:.3} → {:.3} ({}), uniformity {:.3} → {:.3} ({}; lower is more uniform)",
+                hi.0,
+                lo.0,
+                tol[0],
+                tol[tol.len() - 1],
+                trend(&tol),
+                uni[0],
+                uni[uni.len() - 1],
+                trend(&uni)
+            );
+        }
     }
 }
 
