@@ -152,6 +152,29 @@ fn sweep_train_writes_a_png_and_json() {
 }
 
 #[test]
+fn sweep_train_with_a_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("queue.json");
+    let out = infonce(&[
+        "sweep",
+        "--train",
+        "--queue",
+        "128",
+        "--steps",
+        "5",
+        "--temperatures",
+        "0.2",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_ok(&out);
+    let v = read_json(&json);
+    assert_eq!(v["train"]["mode"], "queue 128");
+    let r = &v["train"]["results"][0];
+    assert!(r["loss_after"].as_f64().unwrap() < r["loss_before"].as_f64().unwrap());
+}
+
+#[test]
 fn sweep_svg_plot_without_training() {
     let dir = tempfile::tempdir().unwrap();
     let svg = dir.path().join("picture.svg");

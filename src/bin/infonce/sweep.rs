@@ -13,7 +13,7 @@ mod plot;
 
 use fused_infonce::data::{stack, two_views, Clustered};
 use fused_infonce::metrics::{self, NegativeSimilarities, Negatives, PenaltyHistogram};
-use fused_infonce::train::{self, temperature_label, Backend, TrainConfig, TrainResult};
+use fused_infonce::train::{self, temperature_label, Backend, TrainConfig, TrainMode, TrainResult};
 use fused_infonce::{
     DystressGrad, Error, LossInputs, LossSpec, MatRef, Matrix, Result, Temperature, Upstream,
 };
@@ -60,6 +60,10 @@ pub struct Args {
     /// Training steps per temperature (with --train).
     #[arg(long, default_value_t = 300, value_name = "N")]
     steps: usize,
+    /// With --train: MoCo-style training, negatives from a FIFO queue of K past positives
+    /// (default: in-batch NT-Xent on the two views).
+    #[arg(long, value_name = "K")]
+    queue: Option<usize>,
     /// Seed of the built-in data and of training.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -123,6 +127,7 @@ struct TrainRow {
 #[derive(Debug, serde::Serialize)]
 struct TrainReport {
     data: String,
+    mode: String,
     steps: usize,
     batch: usize,
     out_dim: usize,
@@ -599,10 +604,11 @@ fn print_picture(fixed: &Fixed, pic: &Picture, threshold: f64, negatives: usize)
 fn print_train(report: &TrainReport) {
     println!();
     println!(
-        "sweep --train: linear encoder {}→{} on {}, {} steps × batch {}, lr {}, momentum {}",
+        "sweep --train: linear encoder {}→{} on {}, {} negatives, {} steps × batch {}, lr {}, momentum {}",
         TrainConfig::default().data.dim,
         report.out_dim,
         report.data,
+        report.mode,
         report.steps,
         report.batch,
         report.lr,
@@ -720,9 +726,15 @@ impl Sweep<'_> {
         let pic = gradient_picture(&fixed, &temps, args, backend, &bar)?;
 
         let train = if args.train {
+            let mode = match args.queue {
+                Some(0) => return Err(Error::parameter("--queue", 0, "must be >= 1")),
+                Some(size) => TrainMode::Queue { size },
+                None => TrainMode::InBatch,
+            };
             let cfg = TrainConfig {
                 steps: args.steps,
                 backend,
+                mode,
                 ..self.train_config.clone()
             };
             let mut results = Vec::new();
@@ -745,6 +757,10 @@ impl Sweep<'_> {
                     "built-in clustered data ({} classes × {}, D = {})",
                     cfg.data.classes, cfg.data.per_class, cfg.data.dim
                 ),
+                mode: match cfg.mode {
+                    TrainMode::InBatch => "inbatch".into(),
+                    TrainMode::Queue { size } => format!("queue {size}"),
+                },
                 steps: cfg.steps,
                 batch: cfg.batch,
                 out_dim: cfg.out_dim,
@@ -826,6 +842,7 @@ pub fn run_default() -> Result<()> {
         dystress: vec!["0.1,0.2".into()],
         train: true,
         steps: 100,
+        queue: None,
         seed: 0,
         bins: 20,
         threshold: 0.5,
