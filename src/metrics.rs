@@ -345,6 +345,9 @@ impl NegativeSimilarities {
     }
 
     /// Anchor `i`'s negative similarities.
+    ///
+    /// # Panics
+    /// When `i >= anchors`.
     pub fn row(&self, i: usize) -> &[f64] {
         &self.data[i * self.per_anchor..(i + 1) * self.per_anchor]
     }
@@ -374,6 +377,9 @@ pub struct PenaltyHistogram {
 
 impl PenaltyHistogram {
     /// The centre of bin `b`.
+    ///
+    /// # Panics
+    /// When `b` is not a bin index (`b + 1 >= edges.len()`).
     pub fn center(&self, b: usize) -> f64 {
         0.5 * (self.edges[b] + self.edges[b + 1])
     }
@@ -402,13 +408,14 @@ fn check_temperature(temp: &Temperature) -> Result<()> {
     Ok(())
 }
 
-/// The bin of similarity `s` among `bins` equal bins over [−1, 1].
+/// The bin of similarity `s` among `bins` equal bins over [−1, 1] (values outside, and NaN, go to
+/// the end bins; 0 when `bins` is 0).
 pub fn bin_of(s: f64, bins: usize) -> usize {
     let x = ((s + 1.0) * 0.5 * bins as f64).floor();
     if x.is_nan() || x < 0.0 {
         0
     } else {
-        (x as usize).min(bins - 1)
+        (x as usize).min(bins.saturating_sub(1))
     }
 }
 

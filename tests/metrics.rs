@@ -284,6 +284,19 @@ fn hard_negative_share_rises_monotonically_as_tau_falls_builtin() {
 }
 
 #[test]
+fn bins_cover_minus_one_to_one() {
+    assert_eq!(metrics::bin_of(-1.0, 4), 0);
+    assert_eq!(metrics::bin_of(-0.51, 4), 0);
+    assert_eq!(metrics::bin_of(-0.5, 4), 1);
+    assert_eq!(metrics::bin_of(0.999, 4), 3);
+    assert_eq!(metrics::bin_of(1.0, 4), 3);
+    assert_eq!(metrics::bin_of(1.0 + 1e-12, 4), 3);
+    assert_eq!(metrics::bin_of(-1.5, 4), 0);
+    assert_eq!(metrics::bin_of(f64::NAN, 4), 0);
+    assert_eq!(metrics::bin_of(0.3, 0), 0);
+}
+
+#[test]
 fn bad_shapes_and_empty_inputs_are_errors() {
     let empty = m(0, 3, &[]);
     let one = m(1, 2, &[1.0, 0.0]);
