@@ -1,0 +1,1 @@
+//! Timing and device-peak helpers for the benchmarks.
