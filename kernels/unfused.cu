@@ -188,3 +188,35 @@ extern "C" __global__ void unfused_sum_scaled(const float* __restrict__ x, int64
         cast_from_f32<T>(x, y, n);                                                               \
     }
 INFONCE_FOR_EACH_DTYPE(UNFUSED_ENTRY)
+
+// Benchmark inputs: rows of unit L2 norm from a counter-based hash (seed, row, col) → [-1, 1),
+// one warp per row (random, never zeros; generated on the device so multi-GB presets start fast).
+__device__ __forceinline__ float hash_uniform(uint64_t seed, uint64_t idx) {
+    uint64_t z = seed * 0x9E3779B97F4A7C15ull + idx;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    return (float)(z >> 40) * (2.0f / 16777216.0f) - 1.0f;
+}
+
+template <typename T>
+__device__ void fill_unit_rows(T* __restrict__ x, int64_t rows, int cols, uint64_t seed) {
+    const int64_t r = (int64_t)blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
+    const int lane = threadIdx.x % WARP;
+    if (r >= rows) return;
+    float ss = 0.0f;
+    for (int c = lane; c < cols; c += WARP) {
+        const float v = hash_uniform(seed, (uint64_t)r * cols + c);
+        ss = fmaf(v, v, ss);
+    }
+    const float inv = 1.0f / fmaxf(sqrtf(warp_sum(ss)), 1e-12f);
+    for (int c = lane; c < cols; c += WARP)
+        x[r * cols + c] = from_f32<T>(hash_uniform(seed, (uint64_t)r * cols + c) * inv);
+}
+
+#define FILL_ENTRY(NAME, T)                                                                  \
+    extern "C" __global__ void unfused_fill_unit_rows_##NAME(T* x, int64_t rows, int cols,   \
+                                                             uint64_t seed) {               \
+        fill_unit_rows<T>(x, rows, cols, seed);                                              \
+    }
+INFONCE_FOR_EACH_DTYPE(FILL_ENTRY)
