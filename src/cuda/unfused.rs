@@ -467,7 +467,7 @@ fn pos_dot<T: DeviceElement>(
     gpu.check_launch(K)
 }
 
-fn sum_scaled(gpu: &Gpu, x: u64, n: usize, c: f32, out: u64) -> Result<()> {
+pub(crate) fn sum_scaled(gpu: &Gpu, x: u64, n: usize, c: f32, out: u64) -> Result<()> {
     const K: &str = "unfused_sum_scaled";
     let f = gpu.function(MODULE, K)?;
     let cfg = LaunchConfig {
