@@ -1,0 +1,221 @@
+//! The tensor-core kernels (`cuda::fast::evaluate_device_tc`) against the CPU reference and the
+//! v1 kernels (KernelPath::Simple): f16/bf16 within 1e-2 relative L2, shapes that are not
+//! multiples of the tiles, a wrapped queue ring, an empty queue, reductions, learnable τ, device
+//! memory poisoned with NaN before each run, and the gradient filter (Exact equals the reference;
+//! a threshold changes dq by less than its documented bound and leaves the loss unchanged).
+//! Without a GPU each test prints `skipped: no CUDA device` and returns.
+
+mod support;
+
+use fused_infonce::cpu;
+use fused_infonce::cuda::fast::{evaluate_device_tc, filter_bound};
+use fused_infonce::cuda::{
+    evaluate_device, gpu_or_skip, DeviceElement, DeviceInputs, DeviceOptions, Gpu, GradFilter,
+    KernelPath, QueueView,
+};
+use fused_infonce::{bf16, f16, Error, LossInputs, LossSpec, Reduction, Upstream};
+use support::*;
+
+const TOL: f64 = 1e-2;
+
+/// Fills 256 MiB of device memory with NaN and frees it, so a kernel that reads memory it did not
+/// write (from the allocator's reused blocks) produces NaN.
+fn poison(gpu: &Gpu) {
+    let nan = vec![f32::NAN; 64 << 20];
+    let buf = gpu.stream().clone_htod(&nan).unwrap();
+    drop(buf);
+}
+
+fn run_tc<T: DeviceElement>(
+    gpu: &Gpu,
+    spec: &LossSpec,
+    di: &DeviceInputs<'_, T>,
+    up_: &Upstream,
+    opts: &DeviceOptions,
+) -> HostOut {
+    poison(gpu);
+    let out = evaluate_device_tc(gpu, spec, di, up_, opts).unwrap();
+    download(gpu, &out)
+}
+
+fn queue_parity<T: DeviceElement>(n: usize, k: usize, d: usize, spec: LossSpec, up_: Upstream) {
+    let Some(gpu) = gpu_or_skip("gpu_fast queue_parity") else {
+        return;
+    };
+    let c = Case::<T>::new(41, n, k, d);
+    let dc = DevCase::new(&gpu, &c);
+    let pos = up(&gpu, "positive", &c.b[..n * d], n, d);
+    let (hi, di) = queue_inputs(&c, &dc, &pos);
+    let want = cpu::evaluate(&spec, &hi, &up_).unwrap();
+    let got = run_tc(&gpu, &spec, &di, &up_, &DeviceOptions::default());
+    assert_close(
+        &format!("tc queue {:?} {n}×{k}×{d}", T::DTYPE),
+        &got,
+        &want,
+        TOL,
+    );
+
+    // Against the v1 kernels where they exist.
+    let simple = DeviceOptions {
+        path: KernelPath::Simple,
+        ..Default::default()
+    };
+    match evaluate_device(&gpu, &spec, &di, &up_, &simple) {
+        Ok(o) => {
+            let v1 = download(&gpu, &o);
+            assert!(rel_l2(&got.loss, &v1.loss) <= TOL, "loss vs v1");
+            for ((na, a), (nb, b)) in got.grads.iter().zip(&v1.grads) {
+                assert_eq!(na, nb);
+                assert!(rel_l2(a, b) <= TOL, "grad_{na} vs v1: {}", rel_l2(a, b));
+            }
+        }
+        Err(Error::Unsupported(why)) => eprintln!("v1 comparison skipped: {why}"),
+        Err(e) => panic!("v1 kernels failed: {e}"),
+    }
+}
+
+#[test]
+fn bf16_d128_moco_like() {
+    let spec = LossSpec::queue().temperature(0.2).build().unwrap();
+    queue_parity::<bf16>(100, 1000, 128, spec, Upstream::One);
+}
+
+#[test]
+fn f16_d64_learnable_sum() {
+    let spec = LossSpec::queue()
+        .learnable_temperature(0.07)
+        .reduction(Reduction::Sum)
+        .build()
+        .unwrap();
+    queue_parity::<f16>(130, 777, 64, spec, Upstream::Scalar(2.0));
+}
+
+#[test]
+fn bf16_d128_none_per_anchor_weights() {
+    let spec = LossSpec::queue()
+        .temperature(0.1)
+        .reduction(Reduction::None)
+        .build()
+        .unwrap();
+    let w: Vec<f64> = (0..70).map(|i| 0.5 + (i % 7) as f64 * 0.25).collect();
+    queue_parity::<bf16>(70, 4096 + 13, 128, spec, Upstream::PerAnchor(w));
+}
+
+#[test]
+fn bf16_many_splits() {
+    // 8 queries, 20k keys: every block is one of many splits; merges are exercised.
+    let spec = LossSpec::queue().temperature(0.05).build().unwrap();
+    queue_parity::<bf16>(8, 20_000, 128, spec, Upstream::One);
+}
+
+#[test]
+fn empty_queue_is_the_positive_only() {
+    let spec = LossSpec::queue().temperature(0.2).build().unwrap();
+    queue_parity::<bf16>(33, 0, 64, spec, Upstream::One);
+}
+
+#[test]
+fn wrapped_ring() {
+    let Some(gpu) = gpu_or_skip("gpu_fast wrapped_ring") else {
+        return;
+    };
+    let (n, cap, d, start, len) = (50, 900, 128, 700, 600);
+    let c = Case::<bf16>::new(9, n, cap, d);
+    let dc = DevCase::new(&gpu, &c);
+    let pos = up(&gpu, "positive", &c.b[..n * d], n, d);
+    let mut ordered = c.c[start * d..].to_vec();
+    ordered.extend_from_slice(&c.c[..(len - (cap - start)) * d]);
+    let spec = LossSpec::queue().temperature(0.2).build().unwrap();
+    let hi = LossInputs::Queue {
+        query: mat("query", &c.a, n, d),
+        positive: mat("positive", &c.b[..n * d], n, d),
+        queue: mat("queue", &ordered, len, d),
+    };
+    let di = DeviceInputs::Queue {
+        query: &dc.a,
+        positive: &pos,
+        queue: QueueView {
+            keys: &dc.c,
+            start,
+            len,
+        },
+    };
+    let want = cpu::evaluate(&spec, &hi, &Upstream::One).unwrap();
+    let got = run_tc(&gpu, &spec, &di, &Upstream::One, &DeviceOptions::default());
+    assert_close("tc wrapped ring", &got, &want, TOL);
+}
+
+#[test]
+fn gradient_filter_exact_and_bounded() {
+    let Some(gpu) = gpu_or_skip("gpu_fast gradient_filter") else {
+        return;
+    };
+    let (n, k, d, tau) = (64, 8192, 128, 0.05);
+    let c = Case::<bf16>::new(3, n, k, d);
+    let dc = DevCase::new(&gpu, &c);
+    let pos = up(&gpu, "positive", &c.b[..n * d], n, d);
+    let (hi, di) = queue_inputs(&c, &dc, &pos);
+    let spec = LossSpec::queue().temperature(tau).build().unwrap();
+    let want = cpu::evaluate(&spec, &hi, &Upstream::One).unwrap();
+    let exact = run_tc(&gpu, &spec, &di, &Upstream::One, &DeviceOptions::default());
+    assert_close("exact filter", &exact, &want, TOL);
+    let zero = run_tc(
+        &gpu,
+        &spec,
+        &di,
+        &Upstream::One,
+        &DeviceOptions {
+            filter: GradFilter::Threshold(0.0),
+            ..Default::default()
+        },
+    );
+    assert_eq!(zero.grads, exact.grads, "threshold 0 never skips");
+    let theta = 1e-4;
+    let filt = run_tc(
+        &gpu,
+        &spec,
+        &di,
+        &Upstream::One,
+        &DeviceOptions {
+            filter: GradFilter::Threshold(theta as f32),
+            ..Default::default()
+        },
+    );
+    assert_eq!(filt.loss, exact.loss, "the filter leaves the loss exact");
+    // Per-row bound: w = 1/N, unit-norm queue rows (bf16 rounding: 1.01).
+    let bound = filter_bound(1.0 / n as f64, theta, k, 1.01, tau);
+    let (dq_f, dq_e) = (&filt.grads[0].1, &exact.grads[0].1);
+    for i in 0..n {
+        let diff: f64 = (0..d)
+            .map(|j| (dq_f[i * d + j] - dq_e[i * d + j]).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        assert!(
+            diff <= bound * 1.05 + 1e-6,
+            "row {i}: |Δdq| = {diff:e} > bound {bound:e}"
+        );
+    }
+}
+
+#[test]
+fn unsupported_cases_say_so() {
+    let Some(gpu) = gpu_or_skip("gpu_fast unsupported") else {
+        return;
+    };
+    let c = Case::<f32>::new(1, 16, 64, 64);
+    let dc = DevCase::new(&gpu, &c);
+    let pos = up(&gpu, "positive", &c.b[..16 * 64], 16, 64);
+    let (_, di) = queue_inputs(&c, &dc, &pos);
+    let spec = LossSpec::queue().build().unwrap();
+    let r = evaluate_device_tc(&gpu, &spec, &di, &Upstream::One, &DeviceOptions::default());
+    assert!(
+        matches!(r, Err(Error::Unsupported(_))),
+        "f32 without tf32: {r:?}"
+    );
+    let cb = Case::<bf16>::new(1, 16, 64, 96);
+    let dcb = DevCase::new(&gpu, &cb);
+    let posb = up(&gpu, "positive", &cb.b[..16 * 96], 16, 96);
+    let (_, dib) = queue_inputs(&cb, &dcb, &posb);
+    let r = evaluate_device_tc(&gpu, &spec, &dib, &Upstream::One, &DeviceOptions::default());
+    assert!(matches!(r, Err(Error::Unsupported(_))), "D = 96: {r:?}");
+}
