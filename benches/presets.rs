@@ -1,5 +1,6 @@
 //! Criterion benchmarks of the presets of spec/performance.md: the fused op
-//! (`cuda::evaluate_device`, path Auto) and the unfused baseline on the GPU, timed with CUDA
+//! (`cuda::evaluate_device`, path Auto), the tensor-core kernels (`cuda::fast`) and the unfused
+//! baseline on the GPU, timed with CUDA
 //! events (`iter_custom`), and the CPU reference on a small shape, which always runs.
 //!
 //! Without a GPU the GPU benchmarks print `skipped: no CUDA device` and only the CPU reference
@@ -135,6 +136,31 @@ fn gpu_presets(c: &mut Criterion) {
                 });
             }
             Err(e) => eprintln!("{} fused: skipped: {e}", p.name),
+        }
+        match fused_infonce::cuda::fast::evaluate_device_tc(
+            &gpu,
+            &spec,
+            &view,
+            &Upstream::One,
+            &opts,
+        ) {
+            Ok(_) => {
+                group.bench_function(BenchmarkId::new("tc", p.name), |b| {
+                    b.iter_custom(|iters| {
+                        device_time(&gpu, iters, || {
+                            fused_infonce::cuda::fast::evaluate_device_tc(
+                                &gpu,
+                                &spec,
+                                &view,
+                                &Upstream::One,
+                                &opts,
+                            )
+                            .map(drop)
+                        })
+                    })
+                });
+            }
+            Err(e) => eprintln!("{} tc: skipped: {e}", p.name),
         }
         match &unfused {
             Ok(u) => match u.evaluate(&gpu, &spec, &view, &Upstream::One, &opts) {

@@ -109,6 +109,14 @@ struct Row {
     /// Spread of the unfused timing (min, max).
     unfused_min_max_ms: Option<(f64, f64)>,
     unfused_extra_mem_bytes: Option<u64>,
+    /// The tensor-core kernels called directly (`cuda::fast::evaluate_device_tc`).
+    tc_ms: Option<f64>,
+    tc_min_max_ms: Option<(f64, f64)>,
+    tc_speedup_vs_unfused: Option<f64>,
+    tc_tflops: Option<f64>,
+    tc_pct_matrix_floor: Option<f64>,
+    tc_extra_mem_bytes: Option<u64>,
+    tc_note: Option<String>,
     /// Why the fused figure is missing.
     fused_note: Option<String>,
     /// Why the unfused figure is missing.
@@ -467,6 +475,8 @@ const CHECK_TOL: f64 = 2e-2;
 
 enum Which<'a> {
     Fused,
+    /// The tensor-core kernels called directly (`cuda::fast`), whatever Auto picks.
+    Tc,
     Unfused(&'a Unfused),
 }
 
@@ -475,6 +485,13 @@ fn eval(gpu: &Gpu, which: &Which<'_>, p: &Preset, set: &DevSet) -> Result<Device
     let inputs = set.inputs(p.mode);
     match which {
         Which::Fused => cuda::evaluate_device(
+            gpu,
+            &spec,
+            &inputs,
+            &Upstream::One,
+            &DeviceOptions::default(),
+        ),
+        Which::Tc => fused_infonce::cuda::fast::evaluate_device_tc(
             gpu,
             &spec,
             &inputs,
@@ -540,7 +557,7 @@ fn gpu_run(
     torch: &[(String, f64)],
 ) -> Result<Report> {
     let props = gpu.properties().clone();
-    let pb = progress(1 + 4 * presets.len() as u64);
+    let pb = progress(1 + 5 * presets.len() as u64);
     pb.set_message("measuring peaks (bf16 GEMM, device copy)");
     let peaks = match measure_peaks(gpu, repeat) {
         Ok(p) => Some(p),
@@ -562,7 +579,7 @@ fn gpu_run(
             row.fused_note = Some(e.to_string());
             row.unfused_note = Some(e.to_string());
             row.check = "not run".into();
-            pb.inc(4);
+            pb.inc(5);
             rows.push(row);
             continue;
         }
@@ -572,15 +589,24 @@ fn gpu_run(
         let host = HostCase::new(small);
         let want = cpu::evaluate(&small.spec()?, &host.inputs(), &Upstream::One)?;
         let fused_bad = check(gpu, &Which::Fused, &small, &host, &want);
+        let tc_bad = check(gpu, &Which::Tc, &small, &host, &want);
         let unfused_bad = match &unfused {
             Ok(u) => check(gpu, &Which::Unfused(u), &small, &host, &want),
             Err(e) => Some(e.to_string()),
         };
-        row.check = match (&fused_bad, &unfused_bad) {
-            (None, None) => "fused ok, unfused ok".into(),
-            (None, Some(_)) => "fused ok".into(),
-            (Some(_), None) => "unfused ok".into(),
-            (Some(_), Some(_)) => "none".into(),
+        let ok: Vec<&str> = [
+            ("fused", &fused_bad),
+            ("tc", &tc_bad),
+            ("unfused", &unfused_bad),
+        ]
+        .iter()
+        .filter(|(_, bad)| bad.is_none())
+        .map(|(n, _)| *n)
+        .collect();
+        row.check = if ok.is_empty() {
+            "none ok".into()
+        } else {
+            format!("{} ok", ok.join(", "))
         };
         pb.inc(1);
 
@@ -615,6 +641,25 @@ fn gpu_run(
         }
         pb.inc(1);
 
+        // 3b. The tensor-core kernels directly.
+        pb.set_message(format!("{}: tensor-core kernels", p.name));
+        match tc_bad {
+            Some(why) => row.tc_note = Some(why),
+            None => match measure(gpu, &Which::Tc, p, &sets, repeat) {
+                Ok(m) => {
+                    row.tc_ms = Some(m.timing.median_ms);
+                    row.tc_min_max_ms = Some((m.timing.min_ms, m.timing.max_ms));
+                    row.tc_extra_mem_bytes = m.extra.map(|x| x.saturating_sub(p.grad_bytes()));
+                    row.tc_tflops = Some(p.matrix_flops() / (m.timing.median_ms * 1e-3) / 1e12);
+                    row.tc_pct_matrix_floor = peaks.map(|pk| {
+                        100.0 * p.matrix_floor_ms(pk.bf16_gemm_tflops) / m.timing.median_ms
+                    });
+                }
+                Err(e) => row.tc_note = Some(e.to_string()),
+            },
+        }
+        pb.inc(1);
+
         // 4. Unfused (its own memory check says "does not fit" for clip-xl).
         pb.set_message(format!("{}: unfused", p.name));
         match (&unfused, unfused_bad) {
@@ -635,6 +680,9 @@ fn gpu_run(
         pb.inc(1);
         if let (Some(f), Some(u)) = (row.fused_ms, row.unfused_ms) {
             row.speedup_vs_unfused = Some(u / f);
+        }
+        if let (Some(f), Some(u)) = (row.tc_ms, row.unfused_ms) {
+            row.tc_speedup_vs_unfused = Some(u / f);
         }
         rows.push(row);
     }
@@ -673,6 +721,15 @@ fn ms(x: Option<f64>) -> String {
     })
 }
 
+/// `fused` formatted, else `tc` formatted with a "(tc)" mark, else a dash.
+fn pick(fused: Option<f64>, tc: Option<f64>, f: impl Fn(f64) -> String) -> String {
+    match (fused, tc) {
+        (Some(v), _) => f(v),
+        (None, Some(v)) => format!("{} (tc)", f(v)),
+        (None, None) => "—".into(),
+    }
+}
+
 fn print_table(r: &Report) {
     let mut out = std::io::stdout().lock();
     if let Some(d) = &r.device {
@@ -694,6 +751,7 @@ fn print_table(r: &Report) {
     let header = [
         "preset",
         "fused",
+        "tc",
         "unfused",
         "torch",
         "speedup",
@@ -703,22 +761,29 @@ fn print_table(r: &Report) {
         "cpu ref",
         "check",
     ];
-    let cells: Vec<[String; 10]> = r
+    let cells: Vec<[String; 11]> = r
         .rows
         .iter()
         .map(|row| {
             [
                 row.preset.clone(),
                 ms(row.fused_ms),
+                ms(row.tc_ms),
                 ms(row.unfused_ms),
                 ms(row.torch_ms),
-                row.speedup_vs_unfused
-                    .map_or("—".into(), |s| format!("{s:.2}×")),
-                row.tflops.map_or("—".into(), |t| format!("{t:.0}")),
-                row.pct_matrix_floor
-                    .map_or("—".into(), |t| format!("{t:.0} %")),
-                row.extra_mem_bytes
-                    .map_or("—".into(), |b| format!("{:.1} MB", b as f64 / 1e6)),
+                // The fused figures, or the tensor-core kernels' (marked) where Auto has none.
+                pick(row.speedup_vs_unfused, row.tc_speedup_vs_unfused, |s| {
+                    format!("{s:.2}×")
+                }),
+                pick(row.tflops, row.tc_tflops, |t| format!("{t:.0}")),
+                pick(row.pct_matrix_floor, row.tc_pct_matrix_floor, |t| {
+                    format!("{t:.0} %")
+                }),
+                pick(
+                    row.extra_mem_bytes.map(|b| b as f64),
+                    row.tc_extra_mem_bytes.map(|b| b as f64),
+                    |b| format!("{:.1} MB", b / 1e6),
+                ),
                 ms(row.cpu_ms),
                 row.check.clone(),
             ]
@@ -747,6 +812,11 @@ fn print_table(r: &Report) {
         if let Some(n) = &row.fused_note {
             if r.device.is_some() {
                 let _ = writeln!(out, "  {}: fused not measured: {n}", row.preset);
+            }
+        }
+        if let Some(n) = &row.tc_note {
+            if r.device.is_some() {
+                let _ = writeln!(out, "  {}: tc not measured: {n}", row.preset);
             }
         }
         if let Some(n) = &row.unfused_note {
