@@ -217,6 +217,11 @@ __device__ void queue_fwd(const T* __restrict__ q, int64_t n, const T* __restric
     }
 }
 
+constexpr int MAX_SPLITS = 1024;
+constexpr int COMBINE_THREADS = 128;
+
+// One block per query row: warp 0 merges the splits' (max, sum, ps_sum) with the positive; every
+// thread then merges O for its columns, with the per-split factors 2^(m_s − m) from shared memory.
 template <typename T>
 __device__ void queue_combine(const T* __restrict__ q, const T* __restrict__ p, int64_t n, int d,
                               int64_t splits, const float* __restrict__ part_m,
@@ -226,48 +231,67 @@ __device__ void queue_combine(const T* __restrict__ q, const T* __restrict__ p, 
                               float* __restrict__ lse_out, float* __restrict__ dq,
                               float* __restrict__ dp, float* __restrict__ dtau_row,
                               int write_grad) {
-    const int64_t i = (int64_t)blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
-    const int lane = threadIdx.x % WARP;
+    __shared__ float factor[MAX_SPLITS];
+    __shared__ float dot_part[COMBINE_THREADS / WARP];
+    __shared__ float coef[2];  // (P+ − 1)·w·α, o_scale·w·α
+    const int64_t i = blockIdx.x;
+    const int tid = threadIdx.x, lane = tid % WARP, warp = tid / WARP;
     if (i >= n) return;
-    float m = -INFINITY;
-    for (int64_t s = lane; s < splits; s += WARP) m = fmaxf(m, part_m[s * n + i]);
-    m = warp_max(m);
-    float l = 0.0f, tsum = 0.0f;
-    if (m != -INFINITY) {
-        for (int64_t s = lane; s < splits; s += WARP) {
-            const float f = ex2(part_m[s * n + i] - m);
-            l = fmaf(part_l[s * n + i], f, l);
-            if (part_t) tsum = fmaf(part_t[s * n + i], f, tsum);
-        }
-    }
-    l = warp_sum(l);
-    tsum = warp_sum(tsum);
+
     float dot = 0.0f;
-    for (int c = lane; c < d; c += WARP) dot = fmaf(to_f32(q[i * d + c]), to_f32(p[i * d + c]), dot);
-    const float z_pos = alpha * warp_sum(dot);
-    const float z2_pos = z_pos * LOG2E;
-    const float mt = fmaxf(m, z2_pos);
-    const float total = (m == -INFINITY ? 0.0f : l * ex2(m - mt)) + ex2(z2_pos - mt);
-    const float lse2 = mt + __log2f(total);
-    const float lse = lse2 * LN2;
-    const float p_pos = ex2(z2_pos - lse2);
-    const float o_scale = m == -INFINITY ? 0.0f : ex2(m - lse2);  // Σ_j P_j m_j = O · o_scale
-    const float w = weights[i];
-    if (lane == 0) {
-        loss_row[i] = lse - z_pos;
-        lse_out[i] = lse;
-        if (dtau_row) dtau_row[i] = w * (p_pos * z_pos + alpha * tsum * o_scale - z_pos);
-    }
-    if (!write_grad) return;
-    const float wa = w * alpha;
-    for (int c = lane; c < d; c += WARP) {
-        float acc = 0.0f;
-        for (int64_t s = 0; s < splits; ++s) {
-            const float ms = part_m[s * n + i];
-            if (ms != -INFINITY) acc = fmaf(part_o[(s * n + i) * d + c], ex2(ms - m), acc);
+    for (int c = tid; c < d; c += blockDim.x)
+        dot = fmaf(to_f32(q[i * d + c]), to_f32(p[i * d + c]), dot);
+    dot = warp_sum(dot);
+    if (lane == 0) dot_part[warp] = dot;
+    float m = -INFINITY;
+    for (int64_t s = tid; s < splits; s += blockDim.x) m = fmaxf(m, part_m[s * n + i]);
+    m = warp_max(m);
+    __syncthreads();
+    if (lane == 0) factor[warp] = m;  // scratch: the warps' maxima
+    __syncthreads();
+    float mall = -INFINITY;
+    for (int w = 0; w < (int)(blockDim.x / WARP); ++w) mall = fmaxf(mall, factor[w]);
+    __syncthreads();
+    for (int64_t s = tid; s < splits; s += blockDim.x)
+        factor[s] = mall == -INFINITY ? 0.0f : ex2(part_m[s * n + i] - mall);
+    __syncthreads();
+
+    if (warp == 0) {
+        float l = 0.0f, tsum = 0.0f;
+        for (int64_t s = lane; s < splits; s += WARP) {
+            l = fmaf(part_l[s * n + i], factor[s], l);
+            if (part_t) tsum = fmaf(part_t[s * n + i], factor[s], tsum);
         }
-        dq[i * d + c] = wa * fmaf(p_pos - 1.0f, to_f32(p[i * d + c]), acc * o_scale);
-        dp[i * d + c] = wa * (p_pos - 1.0f) * to_f32(q[i * d + c]);
+        l = warp_sum(l);
+        tsum = warp_sum(tsum);
+        float qp = 0.0f;
+        for (int w = 0; w < (int)(blockDim.x / WARP); ++w) qp += dot_part[w];
+        const float z_pos = alpha * qp;
+        const float z2_pos = z_pos * LOG2E;
+        const float mt = fmaxf(mall, z2_pos);
+        const float total = (mall == -INFINITY ? 0.0f : l * ex2(mall - mt)) + ex2(z2_pos - mt);
+        const float lse2 = mt + __log2f(total);
+        const float lse = lse2 * LN2;
+        const float p_pos = ex2(z2_pos - lse2);
+        // Σ_j P_j m_j = O · o_scale (O relative to the merged max).
+        const float o_scale = mall == -INFINITY ? 0.0f : ex2(mall - lse2);
+        const float w = weights[i];
+        if (lane == 0) {
+            loss_row[i] = lse - z_pos;
+            lse_out[i] = lse;
+            if (dtau_row) dtau_row[i] = w * (p_pos * z_pos + alpha * tsum * o_scale - z_pos);
+            coef[0] = (p_pos - 1.0f) * w * alpha;
+            coef[1] = o_scale * w * alpha;
+        }
+    }
+    __syncthreads();
+    if (!write_grad) return;
+    const float c_pos = coef[0], c_o = coef[1];
+    for (int c = tid; c < d; c += blockDim.x) {
+        float acc = 0.0f;
+        for (int64_t s = 0; s < splits; ++s) acc = fmaf(part_o[(s * n + i) * d + c], factor[s], acc);
+        dq[i * d + c] = fmaf(c_pos, to_f32(p[i * d + c]), c_o * acc);
+        dp[i * d + c] = c_pos * to_f32(q[i * d + c]);
     }
 }
 
@@ -286,7 +310,7 @@ __device__ void queue_combine(const T* __restrict__ q, const T* __restrict__ p, 
     MMA_FWD_ENTRY(NAME, T, 128, false, )                                                          \
     MMA_FWD_ENTRY(NAME, T, 64, true, _learn)                                                      \
     MMA_FWD_ENTRY(NAME, T, 128, true, _learn)                                                     \
-    extern "C" __global__ void infonce_mma_queue_combine_##NAME(                                  \
+    extern "C" __global__ void __launch_bounds__(COMBINE_THREADS) infonce_mma_queue_combine_##NAME(   \
         const T* q, const T* p, int64_t n, int d, int64_t splits, const float* part_m,            \
         const float* part_l, const float* part_t, const float* part_o, float alpha,               \
         const float* weights, float* loss_row, float* lse_out, float* dq, float* dp,              \

@@ -30,6 +30,9 @@ const BLOCK_ROWS: usize = 64;
 const BLOCK_KEYS: usize = 64;
 const STAGES: usize = 3;
 const THREADS: u32 = 128;
+/// The merge kernel: one block per query row; at most `MAX_SPLITS` splits (its shared memory).
+const COMBINE_THREADS: u32 = 128;
+const MAX_SPLITS: usize = 1024;
 
 /// The bound on the change of one anchor's `dq` that [`GradFilter::Threshold`] can cause, for
 /// upstream weight `w`, threshold `theta`, `keys` queue rows of norm at most `max_key_norm`, and
@@ -47,7 +50,7 @@ pub fn queue_split(sm_count: u32, anchors: usize, keys: usize) -> (usize, usize)
     let tiles = keys.div_ceil(BLOCK_KEYS);
     let want = (2 * sm_count.max(1) as usize)
         .div_ceil(row_tiles)
-        .clamp(1, tiles);
+        .clamp(1, tiles.min(MAX_SPLITS));
     let per = tiles.div_ceil(want) * BLOCK_KEYS;
     (keys.div_ceil(per), per)
 }
@@ -239,8 +242,8 @@ pub fn evaluate_device_tc<T: DeviceElement>(
             gpu,
             K,
             LaunchConfig {
-                grid_dim: (launch::grid_dim(K, n, 8)?, 1, 1),
-                block_dim: (256, 1, 1),
+                grid_dim: (launch::grid_dim(K, n, 1)?, 1, 1),
+                block_dim: (COMBINE_THREADS, 1, 1),
                 shared_mem_bytes: 0,
             },
         )?;

@@ -536,6 +536,15 @@ fn supported(spec: &LossSpec, opts: &DeviceOptions) -> Result<(f64, bool)> {
     }
 }
 
+/// Uninitialised O(N·K) scratch, as `torch.empty` (zero-filling gigabytes would charge the
+/// baseline for work users do not do). Every element is written before it is read: the logit
+/// GEMMs (beta = 0) cover all `rows × cols` cells, and the cross-entropy kernel writes every cell
+/// of the low-precision copy.
+fn scratch<T: cudarc::driver::DeviceRepr>(gpu: &Gpu, n: usize) -> Result<CudaSlice<T>> {
+    // SAFETY: see above; the buffer is never read before being fully written.
+    Ok(unsafe { gpu.stream().alloc::<T>(n.max(1)) }?)
+}
+
 fn f32_slice(gpu: &Gpu, n: usize) -> Result<CudaSlice<f32>> {
     Ok(gpu.stream().alloc_zeros::<f32>(n.max(1))?)
 }
@@ -711,10 +720,10 @@ impl Unfused {
 
         let ld = keys_rows;
         let cells = anchors * ld;
-        let s_mat = gpu.stream().alloc_zeros::<f32>(cells.max(1))?;
+        let s_mat = scratch::<f32>(gpu, cells)?;
         let s_ptr = addr(&s_mat, gpu);
         let g_lowp = if lowp {
-            Some(gpu.stream().alloc_zeros::<T>(cells.max(1))?)
+            Some(scratch::<T>(gpu, cells)?)
         } else {
             None
         };
@@ -892,10 +901,10 @@ impl Unfused {
             DeviceInputs::Symmetric { query, key } => {
                 let (a, b) = (addr(query.slice(), gpu), addr(key.slice(), gpu));
                 // The column logits as users get them: a second matrix Sᵀ = B·Aᵀ.
-                let st_mat = gpu.stream().alloc_zeros::<f32>(cells.max(1))?;
+                let st_mat = scratch::<f32>(gpu, cells)?;
                 let st_ptr = addr(&st_mat, gpu);
                 let gt_lowp = if lowp {
-                    Some(gpu.stream().alloc_zeros::<T>(cells.max(1))?)
+                    Some(scratch::<T>(gpu, cells)?)
                 } else {
                     None
                 };
