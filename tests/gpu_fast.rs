@@ -219,3 +219,98 @@ fn unsupported_cases_say_so() {
     let r = evaluate_device_tc(&gpu, &spec, &dib, &Upstream::One, &DeviceOptions::default());
     assert!(matches!(r, Err(Error::Unsupported(_))), "D = 96: {r:?}");
 }
+
+fn pair_parity<T: DeviceElement>(spec: LossSpec, n: usize, m: usize, d: usize, targets: bool) {
+    let Some(gpu) = gpu_or_skip("gpu_fast pair_parity") else {
+        return;
+    };
+    let a = unit_rows::<T>(51, n, d);
+    let b = unit_rows::<T>(52, m, d);
+    let t: Vec<i64> = (0..n as i64).map(|i| (i * 5 + 1) % m as i64).collect();
+    let (da, db) = (up(&gpu, "query", &a, n, d), up(&gpu, "key", &b, m, d));
+    let dt = gpu.stream().clone_htod(&t).unwrap();
+    let (hi, di) = match spec.mode() {
+        fused_infonce::Mode::InBatch => (
+            LossInputs::InBatch {
+                embeddings: mat("embeddings", &a, n, d),
+            },
+            DeviceInputs::InBatch { embeddings: &da },
+        ),
+        fused_infonce::Mode::Cross => (
+            LossInputs::Cross {
+                query: mat("query", &a, n, d),
+                key: mat("key", &b, m, d),
+                targets: targets.then_some(&t[..]),
+            },
+            DeviceInputs::Cross {
+                query: &da,
+                key: &db,
+                targets: targets.then_some(&dt),
+            },
+        ),
+        _ => (
+            LossInputs::Symmetric {
+                query: mat("query", &a, n, d),
+                key: mat("key", &b, m, d),
+            },
+            DeviceInputs::Symmetric {
+                query: &da,
+                key: &db,
+            },
+        ),
+    };
+    let want = cpu::evaluate(&spec, &hi, &Upstream::One).unwrap();
+    let got = run_tc(&gpu, &spec, &di, &Upstream::One, &DeviceOptions::default());
+    assert_close(
+        &format!("tc {:?} {:?} {n}×{m}×{d}", spec.mode(), T::DTYPE),
+        &got,
+        &want,
+        TOL,
+    );
+}
+
+#[test]
+fn inbatch_bf16_d128() {
+    pair_parity::<bf16>(
+        LossSpec::inbatch().temperature(0.1).build().unwrap(),
+        2 * 75,
+        2 * 75,
+        128,
+        false,
+    );
+}
+
+#[test]
+fn cross_f16_d64_with_targets() {
+    pair_parity::<f16>(
+        LossSpec::cross().temperature(0.2).build().unwrap(),
+        90,
+        130,
+        64,
+        true,
+    );
+}
+
+#[test]
+fn cross_bf16_d128_identity_sum() {
+    let spec = LossSpec::cross()
+        .temperature(0.3)
+        .reduction(Reduction::Sum)
+        .build()
+        .unwrap();
+    pair_parity::<bf16>(spec, 70, 100, 128, false);
+}
+
+#[test]
+fn symmetric_bf16_d128_learnable() {
+    pair_parity::<bf16>(
+        LossSpec::symmetric()
+            .learnable_temperature(0.07)
+            .build()
+            .unwrap(),
+        200,
+        200,
+        128,
+        false,
+    );
+}

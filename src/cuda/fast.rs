@@ -1,16 +1,24 @@
 //! The tensor-core (`mma.sync`) kernels of kernels/infonce_mma.cu, behind
 //! [`evaluate_device_tc`] (the same signature as [`super::fused::evaluate_device`]).
 //!
-//! Written so far: queue mode (MoCo), f16/bf16, D = 64 or 128, the standard variant, fixed or
-//! learnable τ, every reduction: loss, LSE, `dq` and `dp` from one read of the queue (the
-//! flash-attention-2 forward with V = K; split over the queue, merged by a second small kernel),
-//! with optional gradient filtering ([`GradFilter::Threshold`]). Everything else returns
-//! [`Error::Unsupported`] naming what is missing, so callers (KernelPath::Auto) can fall back.
+//! Written: f16/bf16 inputs, D = 64 or 128, the standard variant, fixed or learnable τ, every
+//! reduction, in
+//! - queue mode (MoCo): loss, LSE, `dq` and `dp` from one read of the queue (the
+//!   flash-attention-2 forward with V = K; split over the queue, merged by a second small kernel),
+//!   with optional gradient filtering ([`GradFilter::Threshold`]);
+//! - inbatch, cross and symmetric modes: a row-LSE pass (and a column-LSE pass for symmetric),
+//!   then a gradient pass per input that recomputes the logits and forms `g = ∂L/∂z` in registers
+//!   before the tensor-core product into the gradient (f32 atomics across splits). Five matrix
+//!   products of N·K·D instead of the fused schedule's four; O(N) scratch.
 //!
-//! Gradient filtering: with `Threshold(θ)` a warp skips the `P·M` product of a 64-key tile where
-//! every weight (relative to the running maximum, an upper bound of the final `P_ij`) is below θ.
-//! Loss and LSE stay exact; `dq_i` changes by at most `w_i·α·θ·Σ_(j skipped) ‖m_j‖`, i.e.
-//! `‖Δdq_i‖ ≤ w_i · θ · K / τ` for unit-norm queue rows ([`filter_bound`]).
+//! Everything else (f32 / TF32, D ∉ {64, 128}, other variants, DySTreSS, normalisation, the
+//! queue's gradient) returns [`Error::Unsupported`] naming what is missing.
+//!
+//! Gradient filtering (queue mode): with `Threshold(θ)` a warp skips the `P·M` product of a 64-key
+//! tile where every weight (relative to the running maximum, an upper bound of the final `P_ij`)
+//! is below θ. Loss and LSE stay exact; `dq_i` changes by at most `w_i·α·θ·Σ_(j skipped) ‖m_j‖`,
+//! i.e. `‖Δdq_i‖ ≤ w_i · θ · K / τ` for unit-norm queue rows ([`filter_bound`]). The pair modes
+//! ignore the filter (exact).
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
@@ -116,10 +124,7 @@ pub fn evaluate_device_tc<T: DeviceElement>(
         queue,
     } = *inputs
     else {
-        return Err(unsupported(format!(
-            "{} mode (only queue mode is written)",
-            spec.mode().name()
-        )));
+        return pair_eval(gpu, spec, inputs, upstream, opts, tau, learnable);
     };
     if spec.mode() != Mode::Queue {
         return Err(Error::parameter(
@@ -313,6 +318,422 @@ pub fn evaluate_device_tc<T: DeviceElement>(
         grads,
         grad_temperature,
     })
+}
+
+// kernels/infonce_mma.cu TargetKind.
+const TGT_IDENTITY: i32 = 0;
+const TGT_ARRAY: i32 = 1;
+const TGT_HALF_SHIFT: i32 = 2;
+
+/// One side of a pair problem: rows X against columns Y, with how row r's positive column is
+/// found.
+#[derive(Clone, Copy)]
+struct Side {
+    x: u64,
+    rows: usize,
+    y: u64,
+    cols: usize,
+    tgt_kind: i32,
+    tgt: u64,
+    half: i64,
+    mask_self: bool,
+}
+
+/// The row LSE and per-row loss of one side (pass 1 and its merge).
+fn pair_lse<T: DeviceElement>(
+    gpu: &Gpu,
+    side: &Side,
+    d: usize,
+    scale_log2: f32,
+    alpha: f32,
+    lse: u64,
+    loss: u64,
+) -> Result<()> {
+    let stream = gpu.stream();
+    let (splits, per) = queue_split(gpu.properties().sm_count, side.rows, side.cols);
+    let part_m = stream.alloc_zeros::<f32>((splits * side.rows).max(1))?;
+    let part_l = stream.alloc_zeros::<f32>((splits * side.rows).max(1))?;
+    let (pm, pl) = (addr(&part_m, gpu), addr(&part_l, gpu));
+    pair_launch::<T>(
+        gpu, false, side, d, splits, per, scale_log2, pm, pl, [0; 4], 0.0, 0, 0, 0,
+    )?;
+    const K: &str = "infonce_mma_pair_combine";
+    let f = gpu.function(MODULE, &format!("{K}_{}", T::DTYPE.name()))?;
+    let cfg = launch::checked(
+        gpu,
+        K,
+        LaunchConfig {
+            grid_dim: (launch::grid_dim(K, side.rows, 8)?, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        },
+    )?;
+    let (rows, dd, ss) = (side.rows as i64, d as i32, splits as i64);
+    let mut b = stream.launch_builder(&f);
+    b.arg(&side.x)
+        .arg(&side.y)
+        .arg(&rows)
+        .arg(&dd)
+        .arg(&ss)
+        .arg(&pm)
+        .arg(&pl)
+        .arg(&alpha)
+        .arg(&side.tgt_kind)
+        .arg(&side.tgt)
+        .arg(&side.half)
+        .arg(&lse)
+        .arg(&loss);
+    // SAFETY: signature (const T*, const T*, i64, int, i64, const float*, const float*, float,
+    // int, const i64*, i64, float*, float*); x holds rows×D, y cols×D, the partials
+    // splits×rows, lse/loss rows floats; targets (kind ARRAY) rows indices < cols.
+    unsafe { b.launch(cfg) }?;
+    gpu.check_launch(K)?;
+    drop((part_m, part_l));
+    Ok(())
+}
+
+/// Launches pass 1 (`grad = false`) or pass 2 of the pair kernels. `terms` = (lse_row, w_row,
+/// lse_col, w_col) device addresses (0 = term absent).
+#[allow(clippy::too_many_arguments)]
+fn pair_launch<T: DeviceElement>(
+    gpu: &Gpu,
+    grad: bool,
+    side: &Side,
+    d: usize,
+    splits: usize,
+    per: usize,
+    scale_log2: f32,
+    part_m: u64,
+    part_l: u64,
+    terms: [u64; 4],
+    alpha: f32,
+    dx: u64,
+    dtau: u64,
+    dtau_terms: i32,
+) -> Result<()> {
+    if splits == 0 {
+        return Ok(());
+    }
+    const K: &str = "infonce_mma_pair";
+    let name = format!(
+        "infonce_mma_pair_{}_{}_d{d}",
+        if grad { "grad" } else { "lse" },
+        T::DTYPE.name()
+    );
+    let f = gpu.function(MODULE, &name)?;
+    let cfg = launch::checked(
+        gpu,
+        K,
+        LaunchConfig {
+            grid_dim: (
+                launch::grid_dim(K, side.rows, BLOCK_ROWS)?,
+                u32::try_from(splits).map_err(|_| unsupported("too many splits"))?,
+                1,
+            ),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: (STAGES * BLOCK_KEYS * d * 2) as u32,
+        },
+    )?;
+    let (rows, cols, per64) = (side.rows as i64, side.cols as i64, per as i64);
+    let mask = i32::from(side.mask_self);
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(&side.x)
+        .arg(&rows)
+        .arg(&side.y)
+        .arg(&cols)
+        .arg(&per64)
+        .arg(&scale_log2)
+        .arg(&mask)
+        .arg(&side.tgt_kind)
+        .arg(&side.tgt)
+        .arg(&side.half)
+        .arg(&part_m)
+        .arg(&part_l)
+        .arg(&terms[0])
+        .arg(&terms[1])
+        .arg(&terms[2])
+        .arg(&terms[3])
+        .arg(&alpha)
+        .arg(&dx)
+        .arg(&dtau)
+        .arg(&dtau_terms);
+    // SAFETY: signature (const T*, i64, const T*, i64, i64, float, int, int, const i64*, i64,
+    // float*, float*, const float*, const float*, const float*, const float*, float, float*,
+    // float*, int). x holds rows×D, y cols×D; pass 1 writes splits×rows partials; pass 2 reads
+    // the row terms (rows floats) and column terms (cols floats) when non-null and adds into dx
+    // (rows×D f32) and dtau (one f32, only when dtau_terms > 0). Shared memory ≤ 48 KiB.
+    unsafe { b.launch(cfg) }?;
+    gpu.check_launch(K)
+}
+
+/// Inbatch, cross and symmetric modes on the pair kernels (D = 64 or 128).
+fn pair_eval<T: DeviceElement>(
+    gpu: &Gpu,
+    spec: &LossSpec,
+    inputs: &DeviceInputs<'_, T>,
+    upstream: &Upstream,
+    opts: &DeviceOptions,
+    tau: f64,
+    learnable: bool,
+) -> Result<DeviceOutput<T>> {
+    if inputs_mode(inputs) != spec.mode() {
+        return Err(Error::parameter(
+            "mode",
+            spec.mode().name(),
+            format!("the inputs are for {} mode", inputs_mode(inputs).name()),
+        ));
+    }
+    let stream = gpu.stream();
+    let alpha = (1.0 / tau) as f32;
+    let scale_log2 = (std::f64::consts::LOG2_E / tau) as f32;
+    let grads_on = !opts.forward_only;
+    let check_d = |d: usize| -> Result<()> {
+        if d != 64 && d != 128 {
+            return Err(unsupported(format!("D = {d} (64 or 128)")));
+        }
+        Ok(())
+    };
+    let alloc = |len: usize| stream.alloc_zeros::<f32>(len.max(1));
+
+    // (forward side, the swapped side for the second gradient, the inputs' names and shapes).
+    let (fwd, d, second): (Side, usize, Option<(Side, &'static str, usize)>) = match *inputs {
+        DeviceInputs::InBatch { embeddings } => {
+            let (r, d) = (embeddings.rows(), embeddings.cols());
+            if r < 2 || r % 2 != 0 {
+                return Err(Error::shape(
+                    "embeddings",
+                    format!("[{r}, {d}]"),
+                    "[2N, D] with an even number of rows",
+                ));
+            }
+            check_d(d)?;
+            let e = addr(embeddings.slice(), gpu);
+            let side = Side {
+                x: e,
+                rows: r,
+                y: e,
+                cols: r,
+                tgt_kind: TGT_HALF_SHIFT,
+                tgt: 0,
+                half: (r / 2) as i64,
+                mask_self: true,
+            };
+            (side, d, None)
+        }
+        DeviceInputs::Cross {
+            query,
+            key,
+            targets,
+        } => {
+            let (n, d, m) = (query.rows(), query.cols(), key.rows());
+            if key.cols() != d || m == 0 || (targets.is_none() && m < n) {
+                return Err(Error::shape(
+                    "key",
+                    format!("[{m}, {}]", key.cols()),
+                    format!("[M >= 1 (>= {n} without targets), {d}]"),
+                ));
+            }
+            if let Some(t) = targets {
+                if t.len() < n {
+                    return Err(Error::shape(
+                        "targets",
+                        format!("[{}]", t.len()),
+                        format!("[{n}]"),
+                    ));
+                }
+            }
+            check_d(d)?;
+            let (a, b) = (addr(query.slice(), gpu), addr(key.slice(), gpu));
+            let (kind, t) = match targets {
+                Some(t) => (TGT_ARRAY, addr(t, gpu)),
+                None => (TGT_IDENTITY, 0),
+            };
+            let fwd = Side {
+                x: a,
+                rows: n,
+                y: b,
+                cols: m,
+                tgt_kind: kind,
+                tgt: t,
+                half: 0,
+                mask_self: false,
+            };
+            let swapped = Side {
+                x: b,
+                rows: m,
+                y: a,
+                cols: n,
+                ..fwd
+            };
+            (fwd, d, Some((swapped, "key", m)))
+        }
+        DeviceInputs::Symmetric { query, key } => {
+            let (n, d) = (query.rows(), query.cols());
+            if (key.rows(), key.cols()) != (n, d) {
+                return Err(Error::shape(
+                    "key",
+                    format!("[{}, {}]", key.rows(), key.cols()),
+                    format!("[{n}, {d}] (as query)"),
+                ));
+            }
+            check_d(d)?;
+            let (a, b) = (addr(query.slice(), gpu), addr(key.slice(), gpu));
+            let fwd = Side {
+                x: a,
+                rows: n,
+                y: b,
+                cols: n,
+                tgt_kind: TGT_IDENTITY,
+                tgt: 0,
+                half: 0,
+                mask_self: false,
+            };
+            let swapped = Side { x: b, y: a, ..fwd };
+            (fwd, d, Some((swapped, "key", n)))
+        }
+        DeviceInputs::Queue { .. } => unreachable!("queue mode is handled by the caller"),
+    };
+    let n = fwd.rows;
+    let symmetric = spec.mode() == Mode::Symmetric;
+    let losses = if symmetric { 2 * n } else { n };
+    let w: Vec<f32> = upstream
+        .weights(spec, losses)?
+        .into_iter()
+        .map(|x| x as f32)
+        .collect();
+    let weights = stream.clone_htod(&w)?;
+    let loss_each = alloc(losses)?;
+    let lse = alloc(n)?;
+    let (wp, lp) = (addr(&weights, gpu), addr(&loss_each, gpu));
+    pair_lse::<T>(gpu, &fwd, d, scale_log2, alpha, addr(&lse, gpu), lp)?;
+    let lse_cols = if symmetric {
+        let lc = alloc(n)?;
+        let (swapped, _, _) = second.expect("symmetric has a second side");
+        pair_lse::<T>(
+            gpu,
+            &swapped,
+            d,
+            scale_log2,
+            alpha,
+            addr(&lc, gpu),
+            lp + 4 * n as u64,
+        )?;
+        Some(lc)
+    } else {
+        None
+    };
+
+    let mut grads: Vec<(&'static str, DeviceGrad<T>)> = Vec::new();
+    let dtau_acc = if learnable && grads_on {
+        Some(alloc(1)?)
+    } else {
+        None
+    };
+    let dt = dtau_acc.as_ref().map_or(0, |s| addr(s, gpu));
+    if grads_on {
+        let lse_r = addr(&lse, gpu);
+        let lse_c = lse_cols.as_ref().map_or(0, |s| addr(s, gpu));
+        let w_c = wp + 4 * n as u64;
+        let first_name = if spec.mode() == Mode::InBatch {
+            "embeddings"
+        } else {
+            "query"
+        };
+        // dX of the first side: inbatch (G + Gᵀ)·E with one weight/LSE array for both terms;
+        // cross G·B; symmetric (G_row + G_col)·B.
+        let (terms, dterms) = match spec.mode() {
+            Mode::InBatch => ([lse_r, wp, lse_r, wp], 1),
+            Mode::Symmetric => ([lse_r, wp, lse_c, w_c], 2),
+            _ => ([lse_r, wp, 0, 0], 2),
+        };
+        let dx = DeviceMatrix::<f32>::zeros(gpu, n, d)?;
+        let (splits, per) = queue_split(gpu.properties().sm_count, fwd.rows, fwd.cols);
+        let dtt = if learnable { dterms } else { 0 };
+        pair_launch::<T>(
+            gpu,
+            true,
+            &fwd,
+            d,
+            splits,
+            per,
+            scale_log2,
+            0,
+            0,
+            terms,
+            alpha,
+            addr(dx.slice(), gpu),
+            dt,
+            dtt,
+        )?;
+        grads.push((first_name, cast_grad(gpu, dx, opts.grad_dtype)?));
+        if let Some((swapped, name, rows)) = second {
+            // dY: the swapped problem; its "row" anchors are the column loss's (symmetric) and its
+            // "column" anchors are the first side's rows.
+            let terms = if symmetric {
+                [lse_c, w_c, lse_r, wp]
+            } else {
+                [0, 0, lse_r, wp]
+            };
+            let dy = DeviceMatrix::<f32>::zeros(gpu, rows, d)?;
+            let (splits, per) = queue_split(gpu.properties().sm_count, swapped.rows, swapped.cols);
+            pair_launch::<T>(
+                gpu,
+                true,
+                &swapped,
+                d,
+                splits,
+                per,
+                scale_log2,
+                0,
+                0,
+                terms,
+                alpha,
+                addr(dy.slice(), gpu),
+                0,
+                0,
+            )?;
+            grads.push((name, cast_grad(gpu, dy, opts.grad_dtype)?));
+        }
+    }
+
+    let loss = match spec.reduction() {
+        Reduction::None => loss_each,
+        Reduction::Mean | Reduction::Sum => {
+            let c = Upstream::One
+                .weights(spec, losses)?
+                .first()
+                .copied()
+                .unwrap_or(0.0);
+            let out = alloc(1)?;
+            sum_scaled(gpu, lp, losses, c as f32, addr(&out, gpu))?;
+            out
+        }
+    };
+    let grad_temperature = match &dtau_acc {
+        Some(acc) => {
+            let out = alloc(1)?;
+            // dL/dτ = −α² Σ g·s.
+            sum_scaled(gpu, addr(acc, gpu), 1, -alpha * alpha, addr(&out, gpu))?;
+            Some(out)
+        }
+        None => None,
+    };
+    Ok(DeviceOutput {
+        loss,
+        lse,
+        lse_cols,
+        grads,
+        grad_temperature,
+    })
+}
+
+fn inputs_mode<T: DeviceElement>(inputs: &DeviceInputs<'_, T>) -> Mode {
+    match inputs {
+        DeviceInputs::Queue { .. } => Mode::Queue,
+        DeviceInputs::InBatch { .. } => Mode::InBatch,
+        DeviceInputs::Cross { .. } => Mode::Cross,
+        DeviceInputs::Symmetric { .. } => Mode::Symmetric,
+    }
 }
 
 #[cfg(test)]
