@@ -308,6 +308,8 @@ __device__ void queue_combine(const T* __restrict__ q, const T* __restrict__ p, 
 //     (each term only where its arrays are given; inbatch: g_rr = 0), then
 //        dX_r += α Σ_c g_rc y_c   (mma.sync, f32 atomics into dX: splits of C add up)
 //     and Σ g·s for dL/dτ = −α² Σ g·s on the terms `dtau_terms` says (1: the row term, 2: both).
+//   Gradient filter: a warp skips the product for a tile where no logit is a positive and every
+//   weight P, P' < filter_thr; dX_r then changes by at most α θ Σ_(c skipped) (wr_r + wc_c) ‖y_c‖.
 //   With both terms, one call computes inbatch's dE = α (G + Gᵀ) E (S is symmetric), and
 //   symmetric mode's dA; dB is the same call with X and Y (and the terms) swapped.
 
@@ -331,7 +333,7 @@ __device__ void pair_pass(const T* __restrict__ x, int64_t rows, const T* __rest
                           const float* __restrict__ lse_row, const float* __restrict__ w_row,
                           const float* __restrict__ lse_col, const float* __restrict__ w_col,
                           float alpha, float* __restrict__ dx, float* __restrict__ dtau_acc,
-                          int dtau_terms) {
+                          int dtau_terms, float filter_thr) {
     extern __shared__ __align__(128) unsigned char smem[];
     constexpr int TILE_BYTES = BLOCK_KEYS * D * 2;
     constexpr int KSTEPS = D / 16;
@@ -446,6 +448,9 @@ __device__ void pair_pass(const T* __restrict__ x, int64_t rows, const T* __rest
                 row_max[h] = mx;
             }
         } else {
+            // Gradient filter: the warp skips the product when every weight of its 16×64 tile is
+            // below the threshold and the tile holds no positive (threshold 0: never skips).
+            bool big = false;
 #pragma unroll
             for (int b = 0; b < 8; ++b)
 #pragma unroll
@@ -456,18 +461,24 @@ __device__ void pair_pass(const T* __restrict__ x, int64_t rows, const T* __rest
                     const float raw = s[b][e];
                     float gr = 0.0f, gc = 0.0f;
                     if (c < kend && r < rows && !(mask_self && c == r)) {
-                        if (w_row)
-                            gr = w_r[h] * (ex2(fmaf(raw, scale_log2, -lse2_r[h])) -
-                                           (c == tgt_r[h] ? 1.0f : 0.0f));
-                        if (w_col)
-                            gc = __ldg(w_col + c) *
-                                 (ex2(fmaf(raw, scale_log2, -__ldg(lse_col + c) * LOG2E)) -
-                                  (r == target_of(c, tgt_kind, tgt, half) ? 1.0f : 0.0f));
+                        if (w_row) {
+                            const float p = ex2(fmaf(raw, scale_log2, -lse2_r[h]));
+                            const bool pos = c == tgt_r[h];
+                            gr = w_r[h] * (p - (pos ? 1.0f : 0.0f));
+                            big |= pos || p >= filter_thr;
+                        }
+                        if (w_col) {
+                            const float p = ex2(fmaf(raw, scale_log2, -__ldg(lse_col + c) * LOG2E));
+                            const bool pos = r == target_of(c, tgt_kind, tgt, half);
+                            gc = __ldg(w_col + c) * (p - (pos ? 1.0f : 0.0f));
+                            big |= pos || p >= filter_thr;
+                        }
                     }
                     if (dtau_terms == 2) gs = fmaf(gr + gc, raw, gs);
                     else if (dtau_terms == 1) gs = fmaf(gr, raw, gs);
                     s[b][e] = gr + gc;
                 }
+            if (!__any_sync(FULL_MASK, big)) continue;
 #pragma unroll
             for (int kb = 0; kb < 4; ++kb) {
                 const uint32_t a[4] = {Mma<T>::pack(s[2 * kb][0], s[2 * kb][1]),
@@ -551,10 +562,11 @@ __device__ void pair_combine(const T* __restrict__ x, const T* __restrict__ y, i
     const T *x, int64_t rows, const T *y, int64_t cols, int64_t cols_per_split, float scale_log2, \
         int mask_self, int tgt_kind, const int64_t *tgt, int64_t half, float *part_m,             \
         float *part_l, const float *lse_row, const float *w_row, const float *lse_col,            \
-        const float *w_col, float alpha, float *dx, float *dtau_acc, int dtau_terms
+        const float *w_col, float alpha, float *dx, float *dtau_acc, int dtau_terms,              \
+        float filter_thr
 #define PAIR_PASS_ARGS                                                                            \
     x, rows, y, cols, cols_per_split, scale_log2, mask_self, tgt_kind, tgt, half, part_m, part_l, \
-        lse_row, w_row, lse_col, w_col, alpha, dx, dtau_acc, dtau_terms
+        lse_row, w_row, lse_col, w_col, alpha, dx, dtau_acc, dtau_terms, filter_thr
 #define PAIR_ENTRY(NAME, T, D)                                                                    \
     extern "C" __global__ void __launch_bounds__(THREADS)                                         \
         infonce_mma_pair_lse_##NAME##_d##D(PAIR_ARGS(T)) {                                           \

@@ -314,3 +314,45 @@ fn symmetric_bf16_d128_learnable() {
         false,
     );
 }
+
+#[test]
+fn pair_gradient_filter_bounded() {
+    let Some(gpu) = gpu_or_skip("gpu_fast pair_gradient_filter") else {
+        return;
+    };
+    let (n, d, tau, theta) = (256, 128, 0.05, 1e-4);
+    let a = unit_rows::<bf16>(61, n, d);
+    let b = unit_rows::<bf16>(62, n, d);
+    let (da, db) = (up(&gpu, "query", &a, n, d), up(&gpu, "key", &b, n, d));
+    let di = DeviceInputs::Symmetric {
+        query: &da,
+        key: &db,
+    };
+    let spec = LossSpec::symmetric().temperature(tau).build().unwrap();
+    let exact = run_tc(&gpu, &spec, &di, &Upstream::One, &DeviceOptions::default());
+    let filt = run_tc(
+        &gpu,
+        &spec,
+        &di,
+        &Upstream::One,
+        &DeviceOptions {
+            filter: GradFilter::Threshold(theta as f32),
+            ..Default::default()
+        },
+    );
+    assert_eq!(filt.loss, exact.loss, "the filter leaves the loss exact");
+    let w = 0.5 / n as f64;
+    let bound = fused_infonce::cuda::fast::pair_filter_bound(w, w, theta, n, 1.01, tau);
+    for ((name, f), (_, e)) in filt.grads.iter().zip(&exact.grads) {
+        for i in 0..n {
+            let diff: f64 = (0..d)
+                .map(|j| (f[i * d + j] - e[i * d + j]).powi(2))
+                .sum::<f64>()
+                .sqrt();
+            assert!(
+                diff <= bound * 1.05 + 1e-6,
+                "grad_{name} row {i}: {diff:e} > {bound:e}"
+            );
+        }
+    }
+}

@@ -17,8 +17,10 @@
 //! Gradient filtering (queue mode): with `Threshold(θ)` a warp skips the `P·M` product of a 64-key
 //! tile where every weight (relative to the running maximum, an upper bound of the final `P_ij`)
 //! is below θ. Loss and LSE stay exact; `dq_i` changes by at most `w_i·α·θ·Σ_(j skipped) ‖m_j‖`,
-//! i.e. `‖Δdq_i‖ ≤ w_i · θ · K / τ` for unit-norm queue rows ([`filter_bound`]). The pair modes
-//! ignore the filter (exact).
+//! i.e. `‖Δdq_i‖ ≤ w_i · θ · K / τ` for unit-norm queue rows ([`filter_bound`]). In the pair
+//! modes' gradient pass a warp skips a tile holding no positive where every weight (`P`, and the
+//! column loss's `P'`) is below θ: `‖Δdx_r‖ ≤ α·θ·Σ_(c skipped) (w_r + w_c)‖y_c‖`
+//! ([`pair_filter_bound`]); the loss, LSE and dτ stay exact.
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
@@ -47,6 +49,20 @@ const MAX_SPLITS: usize = 1024;
 /// temperature `tau`: `w · θ · K · max‖m‖ / τ`.
 pub fn filter_bound(w: f64, theta: f64, keys: usize, max_key_norm: f64, tau: f64) -> f64 {
     w * theta * keys as f64 * max_key_norm / tau
+}
+
+/// The bound on the change of one row's gradient that [`GradFilter::Threshold`] can cause in the
+/// pair modes: `θ · (w_row + w_col) · C · max‖y‖ / τ` for `cols` columns (`w_col` = 0 where there
+/// is no column term).
+pub fn pair_filter_bound(
+    w_row: f64,
+    w_col: f64,
+    theta: f64,
+    cols: usize,
+    max_norm: f64,
+    tau: f64,
+) -> f64 {
+    theta * (w_row + w_col) * cols as f64 * max_norm / tau
 }
 
 /// How the queue is split across blocks: `(splits, keys_per_split)`, about two blocks per SM.
@@ -124,7 +140,7 @@ pub fn evaluate_device_tc<T: DeviceElement>(
         queue,
     } = *inputs
     else {
-        return pair_eval(gpu, spec, inputs, upstream, opts, tau, learnable);
+        return pair_eval(gpu, spec, inputs, upstream, opts, tau, learnable, theta);
     };
     if spec.mode() != Mode::Queue {
         return Err(Error::parameter(
@@ -355,7 +371,7 @@ fn pair_lse<T: DeviceElement>(
     let part_l = stream.alloc_zeros::<f32>((splits * side.rows).max(1))?;
     let (pm, pl) = (addr(&part_m, gpu), addr(&part_l, gpu));
     pair_launch::<T>(
-        gpu, false, side, d, splits, per, scale_log2, pm, pl, [0; 4], 0.0, 0, 0, 0,
+        gpu, false, side, d, splits, per, scale_log2, pm, pl, [0; 4], 0.0, 0, 0, 0, 0.0,
     )?;
     const K: &str = "infonce_mma_pair_combine";
     let f = gpu.function(MODULE, &format!("{K}_{}", T::DTYPE.name()))?;
@@ -410,6 +426,7 @@ fn pair_launch<T: DeviceElement>(
     dx: u64,
     dtau: u64,
     dtau_terms: i32,
+    theta: f32,
 ) -> Result<()> {
     if splits == 0 {
         return Ok(());
@@ -456,10 +473,11 @@ fn pair_launch<T: DeviceElement>(
         .arg(&alpha)
         .arg(&dx)
         .arg(&dtau)
-        .arg(&dtau_terms);
+        .arg(&dtau_terms)
+        .arg(&theta);
     // SAFETY: signature (const T*, i64, const T*, i64, i64, float, int, int, const i64*, i64,
     // float*, float*, const float*, const float*, const float*, const float*, float, float*,
-    // float*, int). x holds rows×D, y cols×D; pass 1 writes splits×rows partials; pass 2 reads
+    // float*, int, float). x holds rows×D, y cols×D; pass 1 writes splits×rows partials; pass 2 reads
     // the row terms (rows floats) and column terms (cols floats) when non-null and adds into dx
     // (rows×D f32) and dtau (one f32, only when dtau_terms > 0). Shared memory ≤ 48 KiB.
     unsafe { b.launch(cfg) }?;
@@ -467,6 +485,7 @@ fn pair_launch<T: DeviceElement>(
 }
 
 /// Inbatch, cross and symmetric modes on the pair kernels (D = 64 or 128).
+#[allow(clippy::too_many_arguments)]
 fn pair_eval<T: DeviceElement>(
     gpu: &Gpu,
     spec: &LossSpec,
@@ -475,6 +494,7 @@ fn pair_eval<T: DeviceElement>(
     opts: &DeviceOptions,
     tau: f64,
     learnable: bool,
+    theta: f32,
 ) -> Result<DeviceOutput<T>> {
     if inputs_mode(inputs) != spec.mode() {
         return Err(Error::parameter(
@@ -664,6 +684,7 @@ fn pair_eval<T: DeviceElement>(
             addr(dx.slice(), gpu),
             dt,
             dtt,
+            theta,
         )?;
         grads.push((first_name, cast_grad(gpu, dx, opts.grad_dtype)?));
         if let Some((swapped, name, rows)) = second {
@@ -691,6 +712,7 @@ fn pair_eval<T: DeviceElement>(
                 addr(dy.slice(), gpu),
                 0,
                 0,
+                theta,
             )?;
             grads.push((name, cast_grad(gpu, dy, opts.grad_dtype)?));
         }
