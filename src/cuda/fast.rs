@@ -8,8 +8,8 @@
 //!   with optional gradient filtering ([`GradFilter::Threshold`]);
 //! - inbatch, cross and symmetric modes: a row-LSE pass (and a column-LSE pass for symmetric),
 //!   then a gradient pass per input that recomputes the logits and forms `g = ∂L/∂z` in registers
-//!   before the tensor-core product into the gradient (f32 atomics across splits). Three (inbatch)
-//!   or six (cross, symmetric) matrix products of N·K·D against the fused schedule's four; O(N)
+//!   before the tensor-core product into the gradient (f32 atomics across splits). Three (inbatch),
+//!   five (cross) or six (symmetric) matrix products of N·K·D against the fused schedule's four; O(N)
 //!   scratch.
 //!
 //! Everything else (f32 / TF32, D ∉ {64, 128}, other variants, DySTreSS, normalisation, the
