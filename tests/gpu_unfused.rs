@@ -290,3 +290,30 @@ fn clip_xl_scratch_does_not_fit_80gb() {
     assert_eq!(scratch_bytes(Mode::Queue, 2, 3, DType::BF16, false), 24);
     assert_eq!(scratch_bytes(Mode::Queue, 2, 3, DType::BF16, true), 36);
 }
+
+#[test]
+fn a_logit_matrix_larger_than_the_card_is_a_clear_error() {
+    let Some(gpu) = gpu_or_skip("gpu_unfused does_not_fit") else {
+        return;
+    };
+    // 300k × 300k f32 logits = 360 GB: more than any single card; the inputs are tiny (D = 2).
+    let (n, d) = (300_000, 2);
+    let a = unit_rows::<bf16>(1, n, d);
+    let (da, db) = (up(&gpu, "query", &a, n, d), up(&gpu, "key", &a, n, d));
+    let spec = LossSpec::cross().temperature(0.1).build().unwrap();
+    let r = evaluate_device_unfused(
+        &gpu,
+        &spec,
+        &DeviceInputs::Cross {
+            query: &da,
+            key: &db,
+            targets: None,
+        },
+        &Upstream::One,
+        &DeviceOptions::default(),
+    );
+    match r {
+        Err(Error::Unsupported(msg)) => assert!(msg.contains("does not fit"), "{msg}"),
+        other => panic!("expected a 'does not fit' error, got {other:?}"),
+    }
+}
