@@ -220,3 +220,17 @@ __device__ void fill_unit_rows(T* __restrict__ x, int64_t rows, int cols, uint64
         fill_unit_rows<T>(x, rows, cols, seed);                                              \
     }
 INFONCE_FOR_EACH_DTYPE(FILL_ENTRY)
+
+// max |x| over n floats into *out (as the bits of a non-negative float, so integer atomicMax
+// orders them); *out must start at 0. NaN counts as +inf.
+extern "C" __global__ void unfused_max_abs_f32(const float* __restrict__ x, int64_t n,
+                                               unsigned int* __restrict__ out) {
+    float m = 0.0f;
+    for (int64_t k = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; k < n;
+         k += (int64_t)gridDim.x * blockDim.x) {
+        const float a = fabsf(x[k]);
+        m = fmaxf(m, a != a ? INFINITY : a);
+    }
+    m = warp_max(m);
+    if (threadIdx.x % WARP == 0) atomicMax(out, __float_as_uint(m));
+}

@@ -356,3 +356,50 @@ fn pair_gradient_filter_bounded() {
         }
     }
 }
+
+#[test]
+fn f32_with_tf32_opt_in_runs_on_tensor_cores() {
+    let Some(gpu) = gpu_or_skip("gpu_fast tf32") else {
+        return;
+    };
+    let (n, k, d) = (40, 700, 64);
+    let c = Case::<f32>::new(71, n, k, d);
+    let dc = DevCase::new(&gpu, &c);
+    let pos = up(&gpu, "positive", &c.b[..n * d], n, d);
+    let (hi, di) = queue_inputs(&c, &dc, &pos);
+    let spec = LossSpec::queue()
+        .learnable_temperature(0.1)
+        .build()
+        .unwrap();
+    let want = cpu::evaluate(&spec, &hi, &Upstream::One).unwrap();
+    let got = run_tc(
+        &gpu,
+        &spec,
+        &di,
+        &Upstream::One,
+        &DeviceOptions {
+            tf32: true,
+            ..Default::default()
+        },
+    );
+    assert_close("tf32 queue", &got, &want, TOL);
+    // Rows far outside the f16 range are refused, not silently overflowed.
+    let big: Vec<f32> = c.a.iter().map(|x| x * 1e6).collect();
+    let db = up(&gpu, "query", &big, n, d);
+    let di = DeviceInputs::Queue {
+        query: &db,
+        positive: &pos,
+        queue: QueueView::whole(&dc.c),
+    };
+    let r = evaluate_device_tc(
+        &gpu,
+        &spec,
+        &di,
+        &Upstream::One,
+        &DeviceOptions {
+            tf32: true,
+            ..Default::default()
+        },
+    );
+    assert!(matches!(r, Err(Error::Unsupported(_))), "{r:?}");
+}

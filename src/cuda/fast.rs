@@ -12,7 +12,10 @@
 //!   five (cross) or six (symmetric) matrix products of N·K·D against the fused schedule's four; O(N)
 //!   scratch.
 //!
-//! Everything else (f32 / TF32, D ∉ {64, 128}, other variants, DySTreSS, normalisation, the
+//! f32 inputs with [`DeviceOptions::tf32`] run on the f16 kernels after one rounding of the
+//! inputs to f16 (TF32's 10-bit mantissa; the f16 range is checked), gradients in f32.
+//!
+//! Everything else (exact f32, D ∉ {64, 128}, other variants, DySTreSS, normalisation, the
 //! queue's gradient) returns [`Error::Unsupported`] naming what is missing.
 //!
 //! Gradient filtering (queue mode): with `Threshold(θ)` a warp skips the `P·M` product of a 64-key
@@ -98,9 +101,7 @@ pub fn evaluate_device_tc<T: DeviceElement>(
     }
     match T::DTYPE {
         DType::F16 | DType::BF16 => {}
-        DType::F32 if opts.tf32 => {
-            return Err(unsupported("the TF32 path for f32 is not written yet"))
-        }
+        DType::F32 if opts.tf32 => return tf32_via_f16(gpu, spec, inputs, upstream, opts),
         d => {
             return Err(unsupported(format!(
                 "{d} inputs (f16 or bf16; f32 with tf32 opt-in)"
@@ -334,6 +335,126 @@ pub fn evaluate_device_tc<T: DeviceElement>(
         lse_cols: None,
         grads,
         grad_temperature,
+    })
+}
+
+/// f32 inputs with the TF32 opt-in: the inputs are rounded once to f16 (a 10-bit mantissa, TF32's
+/// precision; unit-norm embeddings are far inside f16's range, which is checked) and run on the
+/// f16 tensor-core kernels; gradients come back in f32. Costs one O((N + K)·D) conversion.
+fn tf32_via_f16<T: DeviceElement>(
+    gpu: &Gpu,
+    spec: &LossSpec,
+    inputs: &DeviceInputs<'_, T>,
+    upstream: &Upstream,
+    opts: &DeviceOptions,
+) -> Result<DeviceOutput<T>> {
+    use half::f16;
+    debug_assert_eq!(T::DTYPE, DType::F32);
+    let to_f16 = |name: &'static str, m: &DeviceMatrix<T>| -> Result<DeviceMatrix<f16>> {
+        let n = m.rows() * m.cols();
+        let mut out = DeviceMatrix::<f16>::zeros(gpu, m.rows(), m.cols())?;
+        if n == 0 {
+            return Ok(out);
+        }
+        let x = addr(m.slice(), gpu);
+        let stream = gpu.stream();
+        // Range check: f16 overflows above 65504.
+        let mut mx = stream.alloc_zeros::<u32>(1)?;
+        let blocks = n
+            .div_ceil(256)
+            .clamp(1, gpu.properties().sm_count.max(1) as usize * 8) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let nn = n as i64;
+        let f = gpu.function("unfused", "unfused_max_abs_f32")?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&x).arg(&nn).arg(&mut mx);
+        // SAFETY: (const float*, i64, unsigned*); T is f32 here, so x holds n floats; mx one u32.
+        unsafe { b.launch(cfg) }?;
+        let max_abs = f32::from_bits(stream.clone_dtoh(&mx)?[0]);
+        if max_abs.is_nan() || max_abs > 65504.0 {
+            return Err(unsupported(format!(
+                "tf32 path: `{name}` has |x| up to {max_abs}, outside the f16 range this path \
+                 rounds through (normalise the rows, or use the exact f32 path)"
+            )));
+        }
+        let f = gpu.function("unfused", "unfused_cast_f16")?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&x).arg(out.slice_mut()).arg(&nn);
+        // SAFETY: (const float*, f16*, i64); x holds n f32, out n f16.
+        unsafe { b.launch(cfg) }?;
+        gpu.check_launch("unfused_cast")?;
+        Ok(out)
+    };
+    let inner = DeviceOptions {
+        tf32: false,
+        grad_dtype: super::fused::GradDType::F32,
+        ..*opts
+    };
+    let out = match *inputs {
+        DeviceInputs::Queue {
+            query,
+            positive,
+            queue,
+        } => {
+            let (q, p, m) = (
+                to_f16("query", query)?,
+                to_f16("positive", positive)?,
+                to_f16("queue", queue.keys)?,
+            );
+            let view = super::fused::QueueView {
+                keys: &m,
+                start: queue.start,
+                len: queue.len,
+            };
+            let i = DeviceInputs::Queue {
+                query: &q,
+                positive: &p,
+                queue: view,
+            };
+            evaluate_device_tc::<f16>(gpu, spec, &i, upstream, &inner)?
+        }
+        DeviceInputs::InBatch { embeddings } => {
+            let e = to_f16("embeddings", embeddings)?;
+            let i = DeviceInputs::InBatch { embeddings: &e };
+            evaluate_device_tc::<f16>(gpu, spec, &i, upstream, &inner)?
+        }
+        DeviceInputs::Cross {
+            query,
+            key,
+            targets,
+        } => {
+            let (a, b) = (to_f16("query", query)?, to_f16("key", key)?);
+            let i = DeviceInputs::Cross {
+                query: &a,
+                key: &b,
+                targets,
+            };
+            evaluate_device_tc::<f16>(gpu, spec, &i, upstream, &inner)?
+        }
+        DeviceInputs::Symmetric { query, key } => {
+            let (a, b) = (to_f16("query", query)?, to_f16("key", key)?);
+            let i = DeviceInputs::Symmetric { query: &a, key: &b };
+            evaluate_device_tc::<f16>(gpu, spec, &i, upstream, &inner)?
+        }
+    };
+    let grads = out
+        .grads
+        .into_iter()
+        .map(|(name, g)| match g {
+            DeviceGrad::F32(m) => Ok((name, DeviceGrad::F32(m))),
+            DeviceGrad::Input(_) => Err(unsupported("tf32 path: an f16 gradient was returned")),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(DeviceOutput {
+        loss: out.loss,
+        lse: out.lse,
+        lse_cols: out.lse_cols,
+        grads,
+        grad_temperature: out.grad_temperature,
     })
 }
 
