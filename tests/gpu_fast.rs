@@ -403,3 +403,34 @@ fn f32_with_tf32_opt_in_runs_on_tensor_cores() {
     );
     assert!(matches!(r, Err(Error::Unsupported(_))), "{r:?}");
 }
+
+/// The embedded tensor-core module's SASS holds HMMA instructions (checked where `cuobjdump` is on
+/// PATH, as on the GPU machine; the pip nvcc package has no cuobjdump, so elsewhere it skips).
+#[test]
+fn sass_contains_hmma() {
+    let Some(bytes) = fused_infonce::cuda::module::fatbin("infonce_mma") else {
+        eprintln!("sass_contains_hmma: skipped: kernels not built");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("infonce_mma.fatbin");
+    std::fs::write(&path, bytes).unwrap();
+    let out = match std::process::Command::new("cuobjdump")
+        .arg("-sass")
+        .arg(&path)
+        .output()
+    {
+        Ok(o) if o.status.success() => o,
+        _ => {
+            eprintln!("sass_contains_hmma: skipped: no working cuobjdump on PATH");
+            return;
+        }
+    };
+    let sass = String::from_utf8_lossy(&out.stdout);
+    let hmma = sass.matches("HMMA").count();
+    let ldsm = sass.matches("LDSM").count();
+    let ldgsts = sass.matches("LDGSTS").count();
+    eprintln!("infonce_mma SASS: {hmma} HMMA, {ldsm} LDSM, {ldgsts} LDGSTS");
+    assert!(hmma > 0, "no HMMA in the tensor-core module's SASS");
+    assert!(ldsm > 0 && ldgsts > 0, "no ldmatrix / cp.async in the SASS");
+}
