@@ -3,12 +3,15 @@
 //! Nothing here panics on a machine without CUDA: [`Gpu::new`] checks for the driver library first
 //! and returns [`Error::NoCudaDriver`]; a build without nvcc returns [`Error::KernelsNotBuilt`].
 
+pub mod bench;
 pub mod device;
+pub mod fast;
 pub mod fused;
 pub mod launch;
 pub mod matrix;
 pub mod module;
 pub mod normalize;
+pub mod unfused;
 
 pub use device::{
     device_count, driver_present, driver_version, gpu_or_skip, list_devices, DeviceProperties, Gpu,

@@ -1,0 +1,98 @@
+//! `infonce bench` as a program (spec/cli.md): it runs with or without a GPU, prints a table,
+//! writes the JSON rows with the documented keys, and rejects bad arguments with a clear error.
+
+use std::process::Command;
+
+fn infonce() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_infonce"))
+}
+
+#[test]
+fn bench_runs_and_writes_json_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let out = infonce()
+        .args(["bench", "--preset", "moco", "--repeat", "3", "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "stdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("preset"), "no table header:\n{stdout}");
+    assert!(
+        stdout.contains("below 20"),
+        "no note about --repeat 3:\n{stdout}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let rows = v["rows"].as_array().expect("rows");
+    assert!(!rows.is_empty());
+    for key in [
+        "preset",
+        "fused_ms",
+        "unfused_ms",
+        "torch_ms",
+        "speedup_vs_unfused",
+        "tflops",
+        "pct_matrix_floor",
+        "extra_mem_bytes",
+    ] {
+        assert!(rows[0].get(key).is_some(), "row lacks `{key}`: {}", rows[0]);
+    }
+    assert!(v.get("peaks").is_some(), "no peaks key");
+    if v["device"].is_null() {
+        // No GPU: one line says so, and the CPU reference was timed.
+        assert!(stdout.contains("no usable GPU"), "{stdout}");
+        assert!(rows[0]["cpu_ms"].as_f64().unwrap() > 0.0);
+        assert!(rows[0]["fused_ms"].is_null());
+    } else {
+        assert_eq!(rows[0]["preset"], "moco");
+        assert!(v["peaks"]["bf16_gemm_tflops"].as_f64().unwrap() > 0.0);
+    }
+}
+
+#[test]
+fn bench_rejects_unknown_preset_and_zero_repeat() {
+    let out = infonce()
+        .args(["bench", "--preset", "imagenet"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("possible values"));
+    let out = infonce().args(["bench", "--repeat", "0"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("positive integer"));
+}
+
+#[test]
+fn bench_merges_torch_timings() {
+    let dir = tempfile::tempdir().unwrap();
+    let torch = dir.path().join("torch.json");
+    std::fs::write(
+        &torch,
+        r#"[{"preset":"moco","torch_ms":1.5,"torch_compile_ms":1.2}]"#,
+    )
+    .unwrap();
+    let json = dir.path().join("bench.json");
+    let out = infonce()
+        .args(["bench", "--preset", "moco", "--repeat", "2", "--torch"])
+        .arg(&torch)
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    if !v["device"].is_null() {
+        assert_eq!(v["rows"][0]["torch_ms"].as_f64(), Some(1.5));
+    }
+}

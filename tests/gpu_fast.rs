@@ -1,0 +1,436 @@
+//! The tensor-core kernels (`cuda::fast::evaluate_device_tc`) against the CPU reference and the
+//! v1 kernels (KernelPath::Simple): f16/bf16 within 1e-2 relative L2, shapes that are not
+//! multiples of the tiles, a wrapped queue ring, an empty queue, reductions, learnable τ, device
+//! memory poisoned with NaN before each run, and the gradient filter (Exact equals the reference;
+//! a threshold changes dq by less than its documented bound and leaves the loss unchanged).
+//! Without a GPU each test prints `skipped: no CUDA device` and returns.
+
+mod support;
+
+use fused_infonce::cpu;
+use fused_infonce::cuda::fast::{evaluate_device_tc, filter_bound};
+use fused_infonce::cuda::{
+    evaluate_device, gpu_or_skip, DeviceElement, DeviceInputs, DeviceOptions, Gpu, GradFilter,
+    KernelPath, QueueView,
+};
+use fused_infonce::{bf16, f16, Error, LossInputs, LossSpec, Reduction, Upstream};
+use support::*;
+
+const TOL: f64 = 1e-2;
+
+/// Fills 256 MiB of device memory with NaN and frees it, so a kernel that reads memory it did not
+/// write (from the allocator's reused blocks) produces NaN.
+fn poison(gpu: &Gpu) {
+    let nan = vec![f32::NAN; 64 << 20];
+    let buf = gpu.stream().clone_htod(&nan).unwrap();
+    drop(buf);
+}
+
+fn run_tc<T: DeviceElement>(
+    gpu: &Gpu,
+    spec: &LossSpec,
+    di: &DeviceInputs<'_, T>,
+    up_: &Upstream,
+    opts: &DeviceOptions,
+) -> HostOut {
+    poison(gpu);
+    let out = evaluate_device_tc(gpu, spec, di, up_, opts).unwrap();
+    download(gpu, &out)
+}
+
+fn queue_parity<T: DeviceElement>(n: usize, k: usize, d: usize, spec: LossSpec, up_: Upstream) {
+    let Some(gpu) = gpu_or_skip("gpu_fast queue_parity") else {
+        return;
+    };
+    let c = Case::<T>::new(41, n, k, d);
+    let dc = DevCase::new(&gpu, &c);
+    let pos = up(&gpu, "positive", &c.b[..n * d], n, d);
+    let (hi, di) = queue_inputs(&c, &dc, &pos);
+    let want = cpu::evaluate(&spec, &hi, &up_).unwrap();
+    let got = run_tc(&gpu, &spec, &di, &up_, &DeviceOptions::default());
+    assert_close(
+        &format!("tc queue {:?} {n}×{k}×{d}", T::DTYPE),
+        &got,
+        &want,
+        TOL,
+    );
+
+    // Against the v1 kernels where they exist.
+    let simple = DeviceOptions {
+        path: KernelPath::Simple,
+        ..Default::default()
+    };
+    match evaluate_device(&gpu, &spec, &di, &up_, &simple) {
+        Ok(o) => {
+            let v1 = download(&gpu, &o);
+            assert!(rel_l2(&got.loss, &v1.loss) <= TOL, "loss vs v1");
+            for ((na, a), (nb, b)) in got.grads.iter().zip(&v1.grads) {
+                assert_eq!(na, nb);
+                assert!(rel_l2(a, b) <= TOL, "grad_{na} vs v1: {}", rel_l2(a, b));
+            }
+        }
+        Err(Error::Unsupported(why)) => eprintln!("v1 comparison skipped: {why}"),
+        Err(e) => panic!("v1 kernels failed: {e}"),
+    }
+}
+
+#[test]
+fn bf16_d128_moco_like() {
+    let spec = LossSpec::queue().temperature(0.2).build().unwrap();
+    queue_parity::<bf16>(100, 1000, 128, spec, Upstream::One);
+}
+
+#[test]
+fn f16_d64_learnable_sum() {
+    let spec = LossSpec::queue()
+        .learnable_temperature(0.07)
+        .reduction(Reduction::Sum)
+        .build()
+        .unwrap();
+    queue_parity::<f16>(130, 777, 64, spec, Upstream::Scalar(2.0));
+}
+
+#[test]
+fn bf16_d128_none_per_anchor_weights() {
+    let spec = LossSpec::queue()
+        .temperature(0.1)
+        .reduction(Reduction::None)
+        .build()
+        .unwrap();
+    let w: Vec<f64> = (0..70).map(|i| 0.5 + (i % 7) as f64 * 0.25).collect();
+    queue_parity::<bf16>(70, 4096 + 13, 128, spec, Upstream::PerAnchor(w));
+}
+
+#[test]
+fn bf16_many_splits() {
+    // 8 queries, 20k keys: every block is one of many splits; merges are exercised.
+    let spec = LossSpec::queue().temperature(0.05).build().unwrap();
+    queue_parity::<bf16>(8, 20_000, 128, spec, Upstream::One);
+}
+
+#[test]
+fn empty_queue_is_the_positive_only() {
+    let spec = LossSpec::queue().temperature(0.2).build().unwrap();
+    queue_parity::<bf16>(33, 0, 64, spec, Upstream::One);
+}
+
+#[test]
+fn wrapped_ring() {
+    let Some(gpu) = gpu_or_skip("gpu_fast wrapped_ring") else {
+        return;
+    };
+    let (n, cap, d, start, len) = (50, 900, 128, 700, 600);
+    let c = Case::<bf16>::new(9, n, cap, d);
+    let dc = DevCase::new(&gpu, &c);
+    let pos = up(&gpu, "positive", &c.b[..n * d], n, d);
+    let mut ordered = c.c[start * d..].to_vec();
+    ordered.extend_from_slice(&c.c[..(len - (cap - start)) * d]);
+    let spec = LossSpec::queue().temperature(0.2).build().unwrap();
+    let hi = LossInputs::Queue {
+        query: mat("query", &c.a, n, d),
+        positive: mat("positive", &c.b[..n * d], n, d),
+        queue: mat("queue", &ordered, len, d),
+    };
+    let di = DeviceInputs::Queue {
+        query: &dc.a,
+        positive: &pos,
+        queue: QueueView {
+            keys: &dc.c,
+            start,
+            len,
+        },
+    };
+    let want = cpu::evaluate(&spec, &hi, &Upstream::One).unwrap();
+    let got = run_tc(&gpu, &spec, &di, &Upstream::One, &DeviceOptions::default());
+    assert_close("tc wrapped ring", &got, &want, TOL);
+}
+
+#[test]
+fn gradient_filter_exact_and_bounded() {
+    let Some(gpu) = gpu_or_skip("gpu_fast gradient_filter") else {
+        return;
+    };
+    let (n, k, d, tau) = (64, 8192, 128, 0.05);
+    let c = Case::<bf16>::new(3, n, k, d);
+    let dc = DevCase::new(&gpu, &c);
+    let pos = up(&gpu, "positive", &c.b[..n * d], n, d);
+    let (hi, di) = queue_inputs(&c, &dc, &pos);
+    let spec = LossSpec::queue().temperature(tau).build().unwrap();
+    let want = cpu::evaluate(&spec, &hi, &Upstream::One).unwrap();
+    let exact = run_tc(&gpu, &spec, &di, &Upstream::One, &DeviceOptions::default());
+    assert_close("exact filter", &exact, &want, TOL);
+    let zero = run_tc(
+        &gpu,
+        &spec,
+        &di,
+        &Upstream::One,
+        &DeviceOptions {
+            filter: GradFilter::Threshold(0.0),
+            ..Default::default()
+        },
+    );
+    assert_eq!(zero.grads, exact.grads, "threshold 0 never skips");
+    let theta = 1e-4;
+    let filt = run_tc(
+        &gpu,
+        &spec,
+        &di,
+        &Upstream::One,
+        &DeviceOptions {
+            filter: GradFilter::Threshold(theta as f32),
+            ..Default::default()
+        },
+    );
+    assert_eq!(filt.loss, exact.loss, "the filter leaves the loss exact");
+    // Per-row bound: w = 1/N, unit-norm queue rows (bf16 rounding: 1.01).
+    let bound = filter_bound(1.0 / n as f64, theta, k, 1.01, tau);
+    let (dq_f, dq_e) = (&filt.grads[0].1, &exact.grads[0].1);
+    for i in 0..n {
+        let diff: f64 = (0..d)
+            .map(|j| (dq_f[i * d + j] - dq_e[i * d + j]).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        assert!(
+            diff <= bound * 1.05 + 1e-6,
+            "row {i}: |Δdq| = {diff:e} > bound {bound:e}"
+        );
+    }
+}
+
+#[test]
+fn unsupported_cases_say_so() {
+    let Some(gpu) = gpu_or_skip("gpu_fast unsupported") else {
+        return;
+    };
+    let c = Case::<f32>::new(1, 16, 64, 64);
+    let dc = DevCase::new(&gpu, &c);
+    let pos = up(&gpu, "positive", &c.b[..16 * 64], 16, 64);
+    let (_, di) = queue_inputs(&c, &dc, &pos);
+    let spec = LossSpec::queue().build().unwrap();
+    let r = evaluate_device_tc(&gpu, &spec, &di, &Upstream::One, &DeviceOptions::default());
+    assert!(
+        matches!(r, Err(Error::Unsupported(_))),
+        "f32 without tf32: {r:?}"
+    );
+    let cb = Case::<bf16>::new(1, 16, 64, 96);
+    let dcb = DevCase::new(&gpu, &cb);
+    let posb = up(&gpu, "positive", &cb.b[..16 * 96], 16, 96);
+    let (_, dib) = queue_inputs(&cb, &dcb, &posb);
+    let r = evaluate_device_tc(&gpu, &spec, &dib, &Upstream::One, &DeviceOptions::default());
+    assert!(matches!(r, Err(Error::Unsupported(_))), "D = 96: {r:?}");
+}
+
+fn pair_parity<T: DeviceElement>(spec: LossSpec, n: usize, m: usize, d: usize, targets: bool) {
+    let Some(gpu) = gpu_or_skip("gpu_fast pair_parity") else {
+        return;
+    };
+    let a = unit_rows::<T>(51, n, d);
+    let b = unit_rows::<T>(52, m, d);
+    let t: Vec<i64> = (0..n as i64).map(|i| (i * 5 + 1) % m as i64).collect();
+    let (da, db) = (up(&gpu, "query", &a, n, d), up(&gpu, "key", &b, m, d));
+    let dt = gpu.stream().clone_htod(&t).unwrap();
+    let (hi, di) = match spec.mode() {
+        fused_infonce::Mode::InBatch => (
+            LossInputs::InBatch {
+                embeddings: mat("embeddings", &a, n, d),
+            },
+            DeviceInputs::InBatch { embeddings: &da },
+        ),
+        fused_infonce::Mode::Cross => (
+            LossInputs::Cross {
+                query: mat("query", &a, n, d),
+                key: mat("key", &b, m, d),
+                targets: targets.then_some(&t[..]),
+            },
+            DeviceInputs::Cross {
+                query: &da,
+                key: &db,
+                targets: targets.then_some(&dt),
+            },
+        ),
+        _ => (
+            LossInputs::Symmetric {
+                query: mat("query", &a, n, d),
+                key: mat("key", &b, m, d),
+            },
+            DeviceInputs::Symmetric {
+                query: &da,
+                key: &db,
+            },
+        ),
+    };
+    let want = cpu::evaluate(&spec, &hi, &Upstream::One).unwrap();
+    let got = run_tc(&gpu, &spec, &di, &Upstream::One, &DeviceOptions::default());
+    assert_close(
+        &format!("tc {:?} {:?} {n}×{m}×{d}", spec.mode(), T::DTYPE),
+        &got,
+        &want,
+        TOL,
+    );
+}
+
+#[test]
+fn inbatch_bf16_d128() {
+    pair_parity::<bf16>(
+        LossSpec::inbatch().temperature(0.1).build().unwrap(),
+        2 * 75,
+        2 * 75,
+        128,
+        false,
+    );
+}
+
+#[test]
+fn cross_f16_d64_with_targets() {
+    pair_parity::<f16>(
+        LossSpec::cross().temperature(0.2).build().unwrap(),
+        90,
+        130,
+        64,
+        true,
+    );
+}
+
+#[test]
+fn cross_bf16_d128_identity_sum() {
+    let spec = LossSpec::cross()
+        .temperature(0.3)
+        .reduction(Reduction::Sum)
+        .build()
+        .unwrap();
+    pair_parity::<bf16>(spec, 70, 100, 128, false);
+}
+
+#[test]
+fn symmetric_bf16_d128_learnable() {
+    pair_parity::<bf16>(
+        LossSpec::symmetric()
+            .learnable_temperature(0.07)
+            .build()
+            .unwrap(),
+        200,
+        200,
+        128,
+        false,
+    );
+}
+
+#[test]
+fn pair_gradient_filter_bounded() {
+    let Some(gpu) = gpu_or_skip("gpu_fast pair_gradient_filter") else {
+        return;
+    };
+    let (n, d, tau, theta) = (256, 128, 0.05, 1e-4);
+    let a = unit_rows::<bf16>(61, n, d);
+    let b = unit_rows::<bf16>(62, n, d);
+    let (da, db) = (up(&gpu, "query", &a, n, d), up(&gpu, "key", &b, n, d));
+    let di = DeviceInputs::Symmetric {
+        query: &da,
+        key: &db,
+    };
+    let spec = LossSpec::symmetric().temperature(tau).build().unwrap();
+    let exact = run_tc(&gpu, &spec, &di, &Upstream::One, &DeviceOptions::default());
+    let filt = run_tc(
+        &gpu,
+        &spec,
+        &di,
+        &Upstream::One,
+        &DeviceOptions {
+            filter: GradFilter::Threshold(theta as f32),
+            ..Default::default()
+        },
+    );
+    assert_eq!(filt.loss, exact.loss, "the filter leaves the loss exact");
+    let w = 0.5 / n as f64;
+    let bound = fused_infonce::cuda::fast::pair_filter_bound(w, w, theta, n, 1.01, tau);
+    for ((name, f), (_, e)) in filt.grads.iter().zip(&exact.grads) {
+        for i in 0..n {
+            let diff: f64 = (0..d)
+                .map(|j| (f[i * d + j] - e[i * d + j]).powi(2))
+                .sum::<f64>()
+                .sqrt();
+            assert!(
+                diff <= bound * 1.05 + 1e-6,
+                "grad_{name} row {i}: {diff:e} > {bound:e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn f32_with_tf32_opt_in_runs_on_tensor_cores() {
+    let Some(gpu) = gpu_or_skip("gpu_fast tf32") else {
+        return;
+    };
+    let (n, k, d) = (40, 700, 64);
+    let c = Case::<f32>::new(71, n, k, d);
+    let dc = DevCase::new(&gpu, &c);
+    let pos = up(&gpu, "positive", &c.b[..n * d], n, d);
+    let (hi, di) = queue_inputs(&c, &dc, &pos);
+    let spec = LossSpec::queue()
+        .learnable_temperature(0.1)
+        .build()
+        .unwrap();
+    let want = cpu::evaluate(&spec, &hi, &Upstream::One).unwrap();
+    let got = run_tc(
+        &gpu,
+        &spec,
+        &di,
+        &Upstream::One,
+        &DeviceOptions {
+            tf32: true,
+            ..Default::default()
+        },
+    );
+    assert_close("tf32 queue", &got, &want, TOL);
+    // Rows far outside the f16 range are refused, not silently overflowed.
+    let big: Vec<f32> = c.a.iter().map(|x| x * 1e6).collect();
+    let db = up(&gpu, "query", &big, n, d);
+    let di = DeviceInputs::Queue {
+        query: &db,
+        positive: &pos,
+        queue: QueueView::whole(&dc.c),
+    };
+    let r = evaluate_device_tc(
+        &gpu,
+        &spec,
+        &di,
+        &Upstream::One,
+        &DeviceOptions {
+            tf32: true,
+            ..Default::default()
+        },
+    );
+    assert!(matches!(r, Err(Error::Unsupported(_))), "{r:?}");
+}
+
+/// The embedded tensor-core module's SASS holds HMMA instructions (checked where `cuobjdump` is on
+/// PATH, as on the GPU machine; the pip nvcc package has no cuobjdump, so elsewhere it skips).
+#[test]
+fn sass_contains_hmma() {
+    let Some(bytes) = fused_infonce::cuda::module::fatbin("infonce_mma") else {
+        eprintln!("sass_contains_hmma: skipped: kernels not built");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("infonce_mma.fatbin");
+    std::fs::write(&path, bytes).unwrap();
+    let out = match std::process::Command::new("cuobjdump")
+        .arg("-sass")
+        .arg(&path)
+        .output()
+    {
+        Ok(o) if o.status.success() => o,
+        _ => {
+            eprintln!("sass_contains_hmma: skipped: no working cuobjdump on PATH");
+            return;
+        }
+    };
+    let sass = String::from_utf8_lossy(&out.stdout);
+    let hmma = sass.matches("HMMA").count();
+    let ldsm = sass.matches("LDSM").count();
+    let ldgsts = sass.matches("LDGSTS").count();
+    eprintln!("infonce_mma SASS: {hmma} HMMA, {ldsm} LDSM, {ldgsts} LDGSTS");
+    assert!(hmma > 0, "no HMMA in the tensor-core module's SASS");
+    assert!(ldsm > 0 && ldgsts > 0, "no ldmatrix / cp.async in the SASS");
+}
