@@ -47,7 +47,7 @@ fn enqueue_keeps_the_newest_keys_in_fifo_order() {
     for b in [4usize, 4, 4, 1, 13, 0, 7] {
         let batch: Vec<f32> = (0..b * d).map(|i| next + i as f32).collect();
         next += (b * d) as f32;
-        q.enqueue(&gpu, &upload(&gpu, &batch, b, d)).unwrap();
+        q.enqueue(&upload(&gpu, &batch, b, d)).unwrap();
         model.extend(&batch);
         let keep = model.len().saturating_sub(cap * d);
         model.drain(..keep);
@@ -77,7 +77,7 @@ fn wrapped_queue_matches_the_cpu_reference() {
     let mut logical: Vec<f32> = Vec::new();
     for b in [600usize, 600, 600, 250] {
         let batch = rows(&mut rng, b, d);
-        q.enqueue(&gpu, &upload(&gpu, &batch, b, d)).unwrap();
+        q.enqueue(&upload(&gpu, &batch, b, d)).unwrap();
         logical.extend(&batch);
         let keep = logical.len().saturating_sub(cap * d);
         logical.drain(..keep);

@@ -464,6 +464,10 @@ struct Problem<'a, T: DeviceElement> {
     targets: Option<&'a CudaSlice<i64>>,
     pos_kind: i32,
     self_skip: bool,
+    /// Per-anchor similarity thresholds (hard-negative selection hook): negatives with
+    /// `s < threshold[anchor]` are excluded. `None` (the only value until a selection kernel
+    /// provides hard:k) keeps every negative.
+    s_threshold: Option<&'a CudaSlice<f32>>,
     /// Offset of this problem's anchors in the per-anchor-loss arrays (weights, losses, dτ).
     offset: usize,
     /// Indices into the gradient accumulators.
@@ -516,7 +520,7 @@ fn run_problem<T: DeviceElement>(
     p.y = ptrs.read(prob.y);
     p.pos = prob.pos.map_or(0, |s| ptrs.read(s));
     p.targets = prob.targets.map_or(0, |s| ptrs.read(s));
-    p.s_threshold = 0;
+    p.s_threshold = prob.s_threshold.map_or(0, |s| ptrs.read(s));
     p.weights = ptrs.read(&work.weights) + off;
     p.part_max = ptrs.write(&mut part_max);
     p.part_sum = ptrs.write(&mut part_sum);
@@ -552,7 +556,7 @@ fn run_problem<T: DeviceElement>(
     // above. Every pointer is a live buffer of this evaluation held borrowed by `ptrs` until the
     // launches are queued: x, pos hold n_anchors × dim elements, y holds y_cap × dim with
     // y_start < y_cap and n_keys ≤ y_cap, targets n_anchors indices in [0, n_keys), weights, losses,
-    // dτ (from `offset`), lse, dpos, scale n_anchors floats, the partials chunks × n_anchors
+    // dτ (from `offset`), lse, dpos, scale and s_threshold n_anchors floats, the partials chunks × n_anchors
     // (× dim for part_acc) floats, grad_x/grad_pos n_anchors × dim and grad_y n_keys × dim floats
     // (checked by device_shape and the allocations in `evaluate`).
     let f = gpu.function(MODULE, &format!("infonce_rows_{dt}"))?;
@@ -796,6 +800,7 @@ pub(crate) fn evaluate<T: DeviceElement>(
             targets: None,
             pos_kind: POS_NONE,
             self_skip: false,
+            s_threshold: None,
             offset: 0,
             grad_x: Some(0),
             grad_y: spec.grad_queue().then_some(2),
@@ -812,6 +817,7 @@ pub(crate) fn evaluate<T: DeviceElement>(
             targets: None,
             pos_kind: POS_PAIR,
             self_skip: true,
+            s_threshold: None,
             offset: 0,
             grad_x: Some(0),
             grad_y: Some(0),
@@ -828,6 +834,7 @@ pub(crate) fn evaluate<T: DeviceElement>(
             targets,
             pos_kind: POS_TARGET,
             self_skip: false,
+            s_threshold: None,
             offset: 0,
             grad_x: Some(0),
             grad_y: Some(1),
@@ -845,6 +852,7 @@ pub(crate) fn evaluate<T: DeviceElement>(
                 targets: None,
                 pos_kind: POS_TARGET,
                 self_skip: false,
+                s_threshold: None,
                 offset,
                 grad_x: Some(x),
                 grad_y: Some(y),

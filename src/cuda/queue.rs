@@ -5,6 +5,10 @@
 //! enqueue); [`NegativeQueue::view`] hands the kernels a [`QueueView`] that they read across the
 //! wrap-around (`(start + j) mod capacity`), so the queue is never copied or rotated.
 
+use std::sync::Arc;
+
+use cudarc::driver::CudaStream;
+
 use super::device::Gpu;
 use super::fused::QueueView;
 use super::matrix::{DeviceElement, DeviceMatrix};
@@ -57,8 +61,12 @@ pub fn enqueue_plan(
 }
 
 /// A FIFO queue of up to `capacity` keys of dimension `D` in device memory (a ring buffer).
+///
+/// Enqueues are queued on the stream of the [`Gpu`] the queue was created with, in order with the
+/// loss evaluations on that stream.
 #[derive(Debug)]
 pub struct NegativeQueue<T: DeviceElement> {
+    stream: Arc<CudaStream>,
     keys: DeviceMatrix<T>,
     start: usize,
     len: usize,
@@ -75,6 +83,7 @@ impl<T: DeviceElement> NegativeQueue<T> {
             ));
         }
         Ok(Self {
+            stream: gpu.stream().clone(),
             keys: DeviceMatrix::zeros(gpu, capacity, dim)?,
             start: 0,
             len: 0,
@@ -82,8 +91,9 @@ impl<T: DeviceElement> NegativeQueue<T> {
     }
 
     /// Appends the rows of `batch` (B × D) as the newest keys, overwriting the oldest when full
-    /// (with B > capacity only the last `capacity` rows are kept). Queued on `gpu`'s stream.
-    pub fn enqueue(&mut self, gpu: &Gpu, batch: &DeviceMatrix<T>) -> Result<()> {
+    /// (with B > capacity only the last `capacity` rows are kept): at most two device-to-device
+    /// copies, queued on the queue's stream.
+    pub fn enqueue(&mut self, batch: &DeviceMatrix<T>) -> Result<()> {
         let d = self.dim();
         if batch.cols() != d && batch.rows() > 0 {
             return Err(Error::shape(
@@ -99,7 +109,7 @@ impl<T: DeviceElement> NegativeQueue<T> {
                 .keys
                 .slice_mut()
                 .slice_mut(s.dst * d..(s.dst + s.rows) * d);
-            gpu.stream().memcpy_dtod(&src, &mut dst)?;
+            self.stream.memcpy_dtod(&src, &mut dst)?;
         }
         self.start = start;
         self.len = len;
