@@ -117,6 +117,7 @@ __device__ void infonce_rows(const InfonceParams& p) {
         sim_tile<T>(x, a0, n, y, krow, dim, xs, ys, s);
 
         // Online softmax: warp w updates anchor rows w, w + WARPS, ...; lane = key of the tile.
+#pragma unroll
         for (int r = warp; r < TILE_A; r += WARPS) {
             const int64_t j = k0 + lane;
             const float sv = s[r][lane];
@@ -156,17 +157,21 @@ __device__ void infonce_rows(const InfonceParams& p) {
         __syncthreads();  // wgt, rescale visible
 
         if (acc) {
-            // Each thread owns elements (r, d) of the block's accumulator slice: rescale, then add
-            // the tile's weighted keys in key order.
-            for (int64_t idx = t; idx < rows_here * dim; idx += THREADS) {
-                const int r = (int)(idx / dim);
-                const int d = (int)(idx % dim);
-                float v = acc[idx] * rescale[r];
-                for (int k = 0; k < TILE_K; ++k) {
-                    const float w = wgt[r][k];
-                    if (w != 0.0f) v = fmaf(w, to_f32(y[krow[k] * (int64_t)dim + d]), v);
+            // Each thread owns elements (r, d ≡ t mod THREADS) of the block's accumulator slice:
+            // rescale, then add the tile's weighted keys in key order. (Nested loops: no 64-bit
+            // division, whose call would spill registers.)
+            for (int r = 0; r < rows_here; ++r) {
+                float* acc_r = acc + (int64_t)r * dim;
+                const float rs = rescale[r];
+                for (int d = t; d < dim; d += THREADS) {
+                    float v = acc_r[d] * rs;
+#pragma unroll 1
+                    for (int k = 0; k < TILE_K; ++k) {
+                        const float w = wgt[r][k];
+                        if (w != 0.0f) v = fmaf(w, to_f32(y[krow[k] * (int64_t)dim + d]), v);
+                    }
+                    acc_r[d] = v;
                 }
-                acc[idx] = v;
             }
         }
         __syncthreads();  // before the next tile overwrites krow, s, wgt
@@ -299,15 +304,16 @@ __device__ void infonce_cols(const InfonceParams& p) {
         }
         __syncthreads();
         const int64_t rows_here = min((int64_t)TILE_A, n - a0);
-        for (int64_t idx = t; idx < keys_here * dim; idx += THREADS) {
-            const int k = (int)(idx / dim);
-            const int d = (int)(idx % dim);
-            float v = gy[idx];
-            for (int r = 0; r < rows_here; ++r) {
-                const float g = wgt[r][k];
-                if (g != 0.0f) v = fmaf(g, to_f32(x[(a0 + r) * (int64_t)dim + d]), v);
+        for (int k = 0; k < keys_here; ++k) {
+            float* gy_k = gy + (int64_t)k * dim;
+            for (int d = t; d < dim; d += THREADS) {
+                float v = gy_k[d];
+                for (int r = 0; r < rows_here; ++r) {
+                    const float g = wgt[r][k];
+                    if (g != 0.0f) v = fmaf(g, to_f32(x[(a0 + r) * (int64_t)dim + d]), v);
+                }
+                gy_k[d] = v;
             }
-            gy[idx] = v;
         }
         __syncthreads();  // before the next anchor tile overwrites s, wgt
     }

@@ -73,10 +73,11 @@ __device__ __forceinline__ float tau_of(const InfonceParams& p, float s) {
     return p.tau_min + 0.5f * (p.tau_max - p.tau_min) * (1.0f + cospif(1.0f + s));
 }
 
-// z = s / τ(s)
+// z = s / τ(s). The DySTreSS divisions use __fdividef (2 ulp, no IEEE slow-path call: the call's
+// saved registers spill on sm_80); τ(s) ∈ [τ_min, τ_max] is far from the range where it is inexact.
 __device__ __forceinline__ float logit(const InfonceParams& p, float s) {
     if (p.temp_kind == TEMP_CONST) return s * p.inv_tau;
-    return s / tau_of(p, s);
+    return __fdividef(s, tau_of(p, s));
 }
 
 // ∂z/∂s: 1/τ (constant, DySTreSS detach) or 1/τ(s) − s τ'(s)/τ(s)² (DySTreSS full),
@@ -84,15 +85,18 @@ __device__ __forceinline__ float logit(const InfonceParams& p, float s) {
 __device__ __forceinline__ float dz_ds(const InfonceParams& p, float s) {
     if (p.variant == VARIANT_SIMPLE) return 1.0f;
     if (p.temp_kind == TEMP_CONST) return p.inv_tau;
-    const float tau = tau_of(p, s);
-    if (p.temp_kind == TEMP_DYSTRESS_DETACH) return 1.0f / tau;
+    const float inv = __fdividef(1.0f, tau_of(p, s));
+    if (p.temp_kind == TEMP_DYSTRESS_DETACH) return inv;
     const float dtau = -0.5f * 3.14159265358979f * (p.tau_max - p.tau_min) * sinpif(1.0f + s);
-    return 1.0f / tau - s * dtau / (tau * tau);
+    return inv - s * dtau * inv * inv;
 }
 
 // The positive's key index of anchor i among the keys (−1: the positive is not a key, queue mode).
 __device__ __forceinline__ int64_t pos_key(const InfonceParams& p, int64_t i) {
-    if (p.pos_kind == POS_PAIR) return (i + p.n_anchors / 2) % p.n_anchors;
+    if (p.pos_kind == POS_PAIR) {  // (i + n/2) mod n without a 64-bit division (0 ≤ i < n)
+        const int64_t j = i + p.n_anchors / 2;
+        return j >= p.n_anchors ? j - p.n_anchors : j;
+    }
     if (p.pos_kind == POS_TARGET) return p.targets ? p.targets[i] : i;
     return -1;
 }
