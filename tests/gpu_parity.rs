@@ -573,3 +573,91 @@ fn shape_errors_match_the_cpu_backend() {
     .unwrap_err();
     assert!(matches!(e, Error::Shape { .. }), "{e}");
 }
+
+/// A queue read in place from a ring buffer that wraps (start near the end), every dtype, with
+/// the queue's gradient (returned in queue order).
+fn wrapped_ring<T: Element + DeviceElement>(gpu: &Gpu, seed: u64) {
+    let (n, k, d, cap, start) = (6usize, 700usize, 65usize, 730usize, 690usize);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (q, p, m) = (
+        rows::<T>(&mut rng, n, d),
+        rows::<T>(&mut rng, n, d),
+        rows::<T>(&mut rng, k, d),
+    );
+    let mut ring = rows::<T>(&mut rng, cap, d); // rows outside the queue hold other keys
+    for j in 0..k {
+        let r = (start + j) % cap;
+        ring[r * d..(r + 1) * d].copy_from_slice(&m[j * d..(j + 1) * d]);
+    }
+    let spec = LossSpec::queue()
+        .learnable_temperature(0.1)
+        .normalize(true)
+        .grad_queue(true)
+        .build()
+        .unwrap();
+    let inputs = LossInputs::Queue {
+        query: MatRef::new("query", &q, n, d).unwrap(),
+        positive: MatRef::new("positive", &p, n, d).unwrap(),
+        queue: MatRef::new("queue", &m, k, d).unwrap(),
+    };
+    let want = cpu::evaluate(&spec, &inputs, &Upstream::One).unwrap();
+    let up = |v: &[T], r| DeviceMatrix::upload(gpu, &MatRef::new("x", v, r, d).unwrap()).unwrap();
+    let (qd, pd, rd) = (up(&q, n), up(&p, n), up(&ring, cap));
+    let dev = DeviceInputs::Queue {
+        query: &qd,
+        positive: &pd,
+        queue: QueueView {
+            keys: &rd,
+            start,
+            len: k,
+        },
+    };
+    let out = evaluate_device_poisoned(gpu, &spec, &dev, &Upstream::One, &DeviceOptions::default())
+        .unwrap();
+    let tol = tolerance(T::DTYPE);
+    let f32s = |s: &cudarc::driver::CudaSlice<f32>| -> Vec<f64> {
+        gpu.stream()
+            .clone_dtoh(s)
+            .unwrap()
+            .iter()
+            .map(|&x| x as f64)
+            .collect()
+    };
+    let loss = f32s(&out.loss);
+    assert!(
+        rel_l2_floor(&loss, &want.loss.values(), 1.0) <= tol,
+        "{} loss {loss:?}",
+        T::DTYPE
+    );
+    assert!(
+        rel_l2(&f32s(&out.lse), &want.lse) <= tol,
+        "{} lse",
+        T::DTYPE
+    );
+    for ((name, g), w) in out.grads.iter().zip(&want.grads) {
+        assert_eq!(*name, w.name);
+        let fused_infonce::cuda::DeviceGrad::F32(g) = g else {
+            panic!("f32 gradients by default")
+        };
+        let got: Vec<f64> = g.download(gpu).unwrap().iter().map(|&x| x as f64).collect();
+        let e = rel_l2(&got, &w.value.data);
+        assert!(e <= tol, "{} grad_{name}: {e:.3e}", T::DTYPE);
+    }
+    let t = f32s(out.grad_temperature.as_ref().unwrap())[0];
+    let wt = want.grad_temperature.unwrap();
+    assert!(
+        (t - wt).abs() <= tol * wt.abs().max(1e-3),
+        "{} dτ {t} want {wt}",
+        T::DTYPE
+    );
+}
+
+#[test]
+fn parity_wrapped_queue() {
+    let Some(gpu) = gpu_or_skip("parity_wrapped_queue") else {
+        return;
+    };
+    wrapped_ring::<f32>(&gpu, 41);
+    wrapped_ring::<f16>(&gpu, 42);
+    wrapped_ring::<bf16>(&gpu, 43);
+}

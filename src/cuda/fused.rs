@@ -122,7 +122,7 @@ pub struct DeviceOptions {
     pub grad_dtype: GradDType,
     /// Allow TF32 tensor cores for f32 inputs (opt-in; exact f32 is the default).
     pub tf32: bool,
-    /// Gradient filtering in the backward (tensor-core path).
+    /// Gradient filtering in the backward (tensor-core path; the exact v1 kernels ignore it).
     pub filter: GradFilter,
     /// Compute only the forward (loss and LSE), no gradients.
     pub forward_only: bool,
@@ -143,7 +143,8 @@ pub struct DeviceOutput<T: DeviceElement> {
     /// The loss: one value (mean, sum), or one per anchor loss (none; symmetric: N rows then N
     /// columns).
     pub loss: CudaSlice<f32>,
-    /// Per-anchor LSE of the row logits (empty for the simple variant).
+    /// Per-anchor LSE of the row logits. The simple variant has none: the buffer is then a
+    /// one-element placeholder without meaning (the driver cannot allocate zero bytes).
     pub lse: CudaSlice<f32>,
     /// Symmetric mode: per-column LSE.
     pub lse_cols: Option<CudaSlice<f32>>,
