@@ -755,7 +755,12 @@ pub(crate) fn evaluate<T: DeviceElement>(
             .enumerate()
             .map(|(i, m)| {
                 let rows = if mode == Mode::Queue && i == 2 {
-                    queue_len
+                    // MoCo detaches the queue: no accumulator unless its gradient is asked for.
+                    if spec.grad_queue() {
+                        queue_len
+                    } else {
+                        0
+                    }
                 } else {
                     m.rows()
                 };
