@@ -122,7 +122,7 @@ pub struct DeviceOptions {
     pub grad_dtype: GradDType,
     /// Allow TF32 tensor cores for f32 inputs (opt-in; exact f32 is the default).
     pub tf32: bool,
-    /// Gradient filtering in the backward (tensor-core path).
+    /// Gradient filtering in the backward (tensor-core path; the exact v1 kernels ignore it).
     pub filter: GradFilter,
     /// Compute only the forward (loss and LSE), no gradients.
     pub forward_only: bool,
@@ -143,7 +143,8 @@ pub struct DeviceOutput<T: DeviceElement> {
     /// The loss: one value (mean, sum), or one per anchor loss (none; symmetric: N rows then N
     /// columns).
     pub loss: CudaSlice<f32>,
-    /// Per-anchor LSE of the row logits (empty for the simple variant).
+    /// Per-anchor LSE of the row logits. The simple variant has none: the buffer is then a
+    /// one-element placeholder without meaning (the driver cannot allocate zero bytes).
     pub lse: CudaSlice<f32>,
     /// Symmetric mode: per-column LSE.
     pub lse_cols: Option<CudaSlice<f32>>,
@@ -155,7 +156,22 @@ pub struct DeviceOutput<T: DeviceElement> {
 }
 
 /// Evaluates `spec` on device inputs, leaving the results in device memory (queued on `gpu`'s
-/// stream; nothing is synchronised except where an error must be reported).
+/// stream; nothing is synchronised except where an error must be reported, and in debug builds
+/// after each launch).
+///
+/// Shapes are checked first (the rules of [`crate::LossInputs::validate`]; device `targets` are
+/// not read back and must be in range). [`KernelPath::Auto`] and [`KernelPath::Simple`] run the
+/// v1 kernels ([`super::kernels_v1`]); the other paths are provided elsewhere and return
+/// [`Error::Unsupported`] here. `hard:k` (and HardSimple) returns [`Error::Unsupported`] on this
+/// backend for now. Conventions of the outputs:
+/// - `loss`: one value (mean, sum) or the per-anchor losses (none; symmetric: N rows then N
+///   columns, unhalved).
+/// - `lse`: N values (2N for inbatch); for the simple variant a one-element placeholder with no
+///   meaning (the driver cannot allocate zero bytes). `lse_cols`: symmetric mode only.
+/// - `grads`: f32 or the input dtype ([`DeviceOptions::grad_dtype`]); the queue's gradient
+///   (when [`LossSpec::grad_queue`]) has `len` rows in queue order (row j is ring row
+///   `(start + j) mod capacity`).
+/// - Bitwise reproducible: no float atomics; every sum runs in a fixed order.
 pub fn evaluate_device<T: DeviceElement>(
     gpu: &Gpu,
     spec: &LossSpec,
@@ -163,8 +179,36 @@ pub fn evaluate_device<T: DeviceElement>(
     upstream: &Upstream,
     opts: &DeviceOptions,
 ) -> Result<DeviceOutput<T>> {
-    let _ = (gpu, spec, inputs, upstream, opts);
-    Err(Error::Unsupported(
-        "cuda::evaluate_device: the fused kernels are not written yet".into(),
-    ))
+    dispatch(gpu, spec, inputs, upstream, opts, false)
+}
+
+/// As [`evaluate_device`], with every output buffer filled with NaN before the kernels run: a test
+/// hook that makes an output element no kernel writes show up as NaN.
+pub fn evaluate_device_poisoned<T: DeviceElement>(
+    gpu: &Gpu,
+    spec: &LossSpec,
+    inputs: &DeviceInputs<'_, T>,
+    upstream: &Upstream,
+    opts: &DeviceOptions,
+) -> Result<DeviceOutput<T>> {
+    dispatch(gpu, spec, inputs, upstream, opts, true)
+}
+
+pub(crate) fn dispatch<T: DeviceElement>(
+    gpu: &Gpu,
+    spec: &LossSpec,
+    inputs: &DeviceInputs<'_, T>,
+    upstream: &Upstream,
+    opts: &DeviceOptions,
+    poison: bool,
+) -> Result<DeviceOutput<T>> {
+    match opts.path {
+        KernelPath::Auto | KernelPath::Simple => {
+            super::kernels_v1::evaluate(gpu, spec, inputs, upstream, opts, poison)
+        }
+        KernelPath::TensorCore | KernelPath::Unfused => Err(Error::Unsupported(format!(
+            "kernel path {:?} is not available in this build",
+            opts.path
+        ))),
+    }
 }
