@@ -7,8 +7,10 @@ pub mod device;
 pub mod fused;
 pub mod launch;
 pub mod matrix;
+pub mod metrics;
 pub mod module;
 pub mod normalize;
+pub mod select;
 
 pub use device::{
     device_count, driver_present, driver_version, gpu_or_skip, list_devices, DeviceProperties, Gpu,
