@@ -38,6 +38,8 @@ use super::matrix::{DeviceElement, DeviceMatrix};
 use crate::error::{Error, Result};
 
 const KERNEL: &str = "select";
+/// A grid or block shape.
+type Dim3 = (u32, u32, u32);
 /// Threads per block of `select_kth_*`: eight warps, one negative per warp at a time.
 pub(crate) const SELECT_THREADS: u32 = 256;
 
@@ -259,7 +261,7 @@ pub(crate) fn self_pairs<T: DeviceElement>(
 
 /// Grid and block of `select_kth_*` for `anchors` anchors: one block of [`SELECT_THREADS`]
 /// threads per anchor, static shared memory only (8 KiB of histogram).
-pub(crate) fn select_dims(anchors: usize) -> Result<((u32, u32, u32), (u32, u32, u32))> {
+pub(crate) fn select_dims(anchors: usize) -> Result<(Dim3, Dim3)> {
     Ok((
         (launch::grid_dim(KERNEL, anchors, 1)?, 1, 1),
         (SELECT_THREADS, 1, 1),
