@@ -379,9 +379,11 @@ pub fn key_to_f32(k: u32) -> f32 {
 /// The kernel's digits: (shift, bits) per pass.
 const RADIX_DIGITS: [(u32, u32); 3] = [(21, 11), (10, 11), (0, 10)];
 
-/// The k-th largest of `values` (`1 ≤ k ≤ values.len()`) by the kernel's algorithm: three digit
-/// passes of histograms over the order-preserving keys, each narrowing the prefix (the lanes'
-/// suffix sums of warp 0 are a plain top-down scan here). `None` when k is out of range.
+/// The k-th largest of `values` (`1 ≤ k ≤ values.len()`) by the kernel's algorithm, step for
+/// step: three digit passes of histograms over the order-preserving keys that share the prefix
+/// fixed so far; then warp 0's pick: lane `l` sums bins `[l·per, (l+1)·per)`, an inclusive suffix
+/// sum over lanes finds the one lane whose range holds rank `k`, and that lane scans its bins from
+/// the top. `None` when k is out of range.
 pub fn radix_select_host(values: &[f32], k: usize) -> Option<f32> {
     if k == 0 || k > values.len() {
         return None;
@@ -396,15 +398,26 @@ pub fn radix_select_host(values: &[f32], k: usize) -> Option<f32> {
                 hist[((key >> shift) as usize) & (nbins - 1)] += 1;
             }
         }
-        let mut cum = 0u64;
-        let digit = (0..nbins).rev().find(|&b| {
+        let per = nbins / 32;
+        let mine: Vec<u64> = (0..32)
+            .map(|l| hist[l * per..(l + 1) * per].iter().sum())
+            .collect();
+        let incl: Vec<u64> = (0..32).map(|l| mine[l..].iter().sum()).collect();
+        let lanes: Vec<usize> = (0..32)
+            .filter(|&l| incl[l] - mine[l] < rank && rank <= incl[l])
+            .collect();
+        let [lane] = lanes[..] else {
+            return None;
+        };
+        let mut cum = incl[lane] - mine[lane];
+        let mut digit = lane * per;
+        for b in (lane * per..(lane + 1) * per).rev() {
             if cum + hist[b] >= rank {
-                true
-            } else {
-                cum += hist[b];
-                false
+                digit = b;
+                break;
             }
-        })?;
+            cum += hist[b];
+        }
         prefix |= (digit as u32) << shift;
         rank -= cum;
         mask |= ((nbins - 1) as u32) << shift;
@@ -472,6 +485,14 @@ mod tests {
             }
             assert_eq!(radix_select_host(&v, 0), None);
             assert_eq!(radix_select_host(&v, n + 1), None);
+        }
+        // Keys that share their top 22 bits (one bin in the first two passes), with repeats.
+        let clustered: Vec<f32> = (0..700u32)
+            .map(|i| f32::from_bits(0x3f80_0000 + (i * 7) % 300))
+            .collect();
+        for k in [1, 2, 3, 50, 299, 300, 301, 699, 700] {
+            let got = radix_select_host(&clustered, k).unwrap();
+            assert_eq!(got.to_bits(), kth_by_sort(&clustered, k).to_bits(), "k={k}");
         }
         let with_nan = [0.1f32, f32::NAN, 0.3, f32::NEG_INFINITY];
         assert!(radix_select_host(&with_nan, 1).unwrap().is_nan());
