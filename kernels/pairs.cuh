@@ -1,7 +1,8 @@
 // Anchor/negative sets shared by the hard-k selection (select.cu) and the metrics (metrics.cu):
-// which key rows are an anchor's negatives (spec/losses.md, Modes), the warp-level similarity
-// s = a·b (of the L2-normalised rows when asked), recomputed on the fly so that no N×K matrix is
-// ever stored, and the online log-sum-exp push.
+// which key rows are an anchor's negatives (spec/losses.md, Modes); for the metrics, the warp-level
+// similarity s = a·b (of the L2-normalised rows when asked), recomputed on the fly so that no N×K
+// matrix is ever stored, and the online log-sum-exp push. (The selection computes s as the fused
+// loss kernels do, one lane per negative: see select.cu.)
 #pragma once
 
 #include "common.cuh"

@@ -5,19 +5,54 @@
 //
 // so that the fused loss keeps the negatives with s ≥ threshold[i] (ties at s_(k) all kept).
 //
-// One block per anchor; exact radix select on the f32 similarities: each similarity s maps to the
-// order-preserving key  key(s) = bits(s) ≥ 0 ? bits | 2^31 : ~bits  (the order of total_cmp: -NaN <
-// -inf < … < -0 < +0 < … < +inf < +NaN), and three passes over the negatives (digits 31..21,
-// 20..10, 9..0) histogram the next digit of the keys that share the digits fixed so far, in shared
-// memory (integer atomics: the counts, and so the result, are deterministic). Warp 0 then finds
-// the digit holding the k-th largest key and the rank left within it. After the third pass every
-// bit of the k-th key is fixed: the threshold is exactly one of the f32 similarities.
-// Similarities are recomputed by warp_sim in every pass (one warp per negative): nothing N×K is
-// stored, and the three passes see bit-identical values.
+// One block (8 warps) per anchor; exact radix select on the f32 similarities: each similarity s
+// maps to the order-preserving key  key(s) = bits(s) ≥ 0 ? bits | 2^31 : ~bits  (the order of
+// total_cmp: -NaN < -inf < … < -0 < +0 < … < +inf < +NaN), and three passes over the negatives
+// (digits 31..21, 20..10, 9..0) histogram the next digit of the keys that share the digits fixed
+// so far, in shared memory (integer atomics: the counts, and so the result, are deterministic).
+// Warp 0 then finds the digit holding the k-th largest key and the rank left within it. After the
+// third pass every bit of the k-th key is fixed: the threshold is exactly one of the f32
+// similarities. Nothing N×K is stored: every pass recomputes the similarities, bit-identically.
+//
+// The similarity is computed as kernels/infonce.cu (v1) computes it, so that ties are ties there
+// too: s = Σ_d a_d b_d as one sequential fmaf chain in d order from +0 (slabs of 32 columns,
+// zero-padded), by one lane per negative (a warp takes 32 negatives; the slab of keys is
+// transposed through the warp's shared tile, the anchor's column broadcast by shuffle). With
+// `normalize`, s is then multiplied by inv_a and inv_b (1/max(‖·‖₂, ε), the squared norms summed
+// in the same sequential order).
 #include "pairs.cuh"
 
 constexpr int RADIX_BINS = 2048;  // the widest digit (11 bits)
 constexpr int RADIX_PASSES = 3;
+constexpr int SELECT_WARPS = 8;  // the launcher's block: 256 threads
+
+// s for the negative at key row `row` (this lane's; -1: none, read as a zero row) and its squared
+// norm `bb`, both as sequential fmaf chains over d. Every lane of the warp must call it.
+template <typename T>
+__device__ __forceinline__ float lane_dot(const T* __restrict__ a, const T* __restrict__ keys,
+                                          int64_t row, int cols, float (*tile)[WARP + 1],
+                                          int lane, float& bb) {
+    float acc = 0.0f;
+    float sq = 0.0f;
+    for (int d0 = 0; d0 < cols; d0 += WARP) {
+        const int d = d0 + lane;
+        const float xv = d < cols ? to_f32(a[d]) : 0.0f;
+        for (int r = 0; r < WARP; ++r) {
+            const int64_t kr = __shfl_sync(FULL_MASK, row, r);
+            tile[r][lane] = (kr >= 0 && d < cols) ? to_f32(keys[kr * (int64_t)cols + d]) : 0.0f;
+        }
+        __syncwarp();
+#pragma unroll 8
+        for (int dd = 0; dd < WARP; ++dd) {
+            const float y = tile[lane][dd];
+            acc = fmaf(__shfl_sync(FULL_MASK, xv, dd), y, acc);
+            sq = fmaf(y, y, sq);
+        }
+        __syncwarp();
+    }
+    bb = sq;
+    return acc;
+}
 
 __device__ __forceinline__ uint32_t orderable_key(float f) {
     const uint32_t u = __float_as_uint(f);
@@ -35,6 +70,7 @@ __device__ __forceinline__ int radix_bits(int pass) { return pass == 2 ? 10 : 11
 template <typename T>
 __device__ void select_kth(PairSet<T> p, int64_t k, float* __restrict__ threshold) {
     __shared__ uint32_t hist[RADIX_BINS];
+    __shared__ float tiles[SELECT_WARPS][WARP][WARP + 1];
     __shared__ uint32_t s_prefix;  // the digits of the k-th key fixed so far
     __shared__ uint32_t s_rank;    // its rank (1 = largest) among the keys with that prefix
     __shared__ float s_inv_a;
@@ -44,7 +80,11 @@ __device__ void select_kth(PairSet<T> p, int64_t k, float* __restrict__ threshol
     if (i >= p.n_anchors) return;  // uniform over the block
     const int lane = threadIdx.x % WARP;
     const int warp = threadIdx.x / WARP;
-    const int nwarps = blockDim.x / WARP;
+    const int nwarps = SELECT_WARPS;
+    if (blockDim.x != SELECT_WARPS * WARP) {  // a launcher bug: the tiles assume 8 warps
+        if (threadIdx.x == 0) threshold[i] = NAN;
+        return;
+    }
     int64_t s0, s1;
     p.skipped(i, s0, s1);
     const int64_t n_neg = p.count(s0, s1);
@@ -53,11 +93,13 @@ __device__ void select_kth(PairSet<T> p, int64_t k, float* __restrict__ threshol
         return;
     }
     const T* a = p.anchors + i * (int64_t)p.cols;
-    if (warp == 0) {
-        const float inv = warp_inv_norm(a, p.cols, lane);
-        if (lane == 0) s_inv_a = inv;
-    }
     if (threadIdx.x == 0) {
+        float ss = 0.0f;  // sequential, as lane_dot sums bb
+        for (int d = 0; d < p.cols; ++d) {
+            const float v = to_f32(a[d]);
+            ss = fmaf(v, v, ss);
+        }
+        s_inv_a = 1.0f / fmaxf(sqrtf(ss), PAIR_NORM_EPS);
         s_prefix = 0;
         s_rank = (uint32_t)k;  // 1 ≤ k < n_neg < 2^32 (checked by the launcher)
         s_fail = 0;
@@ -73,13 +115,15 @@ __device__ void select_kth(PairSet<T> p, int64_t k, float* __restrict__ threshol
         for (int b = threadIdx.x; b < nbins; b += blockDim.x) hist[b] = 0;
         __syncthreads();
         const uint32_t prefix = s_prefix;
-        for (int64_t j = warp; j < p.len; j += nwarps) {
-            const int64_t row = p.key_row(j);
-            if (row == s0 || row == s1) continue;  // uniform over the warp
-            const float s = warp_sim(a, inv_a, p.keys + row * (int64_t)p.cols, p.cols,
-                                     p.normalize, lane);
+        for (int64_t j0 = (int64_t)warp * WARP; j0 < p.len; j0 += (int64_t)nwarps * WARP) {
+            const int64_t j = j0 + lane;
+            int64_t row = j < p.len ? p.key_row(j) : -1;
+            if (row == s0 || row == s1) row = -1;
+            float bb;
+            float s = lane_dot(a, p.keys, row, p.cols, tiles[warp], lane, bb);
+            if (p.normalize) s = __fmul_rn(__fmul_rn(s, inv_a), 1.0f / fmaxf(sqrtf(bb), PAIR_NORM_EPS));
             const uint32_t key = orderable_key(s);
-            if (lane == 0 && (key & mask) == prefix)
+            if (row >= 0 && (key & mask) == prefix)
                 atomicAdd(&hist[(key >> shift) & (uint32_t)(nbins - 1)], 1u);
         }
         __syncthreads();

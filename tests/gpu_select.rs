@@ -4,7 +4,8 @@
 //!
 //! Two checks per anchor and k:
 //! - the threshold equals, bit for bit, the k-th largest of the kernel's f32 similarities emulated
-//!   on the host (`support::pairs::sim32`), or −inf when k ≥ #negatives;
+//!   on the host (`support::pairs::sim_select`, the sequential dot product that kernels/infonce.cu
+//!   v1 computes too), or −inf when k ≥ #negatives;
 //! - the negatives it selects (`s ≥ threshold`) are the f64 reference's (`s ≥ s_(k)`, ties kept),
 //!   except for similarities within f32 rounding of `s_(k)`.
 //!
@@ -17,7 +18,7 @@ mod pairs;
 use fused_infonce::cuda::select::{hard_thresholds, hard_thresholds_into, threshold_len};
 use fused_infonce::cuda::{gpu_or_skip, DeviceElement, Gpu};
 use fused_infonce::{bf16, f16};
-use pairs::{sim32, sim64, Fixture, Layout};
+use pairs::{sim64, sim_select, Fixture, Layout};
 
 /// The f64 reference's selection (cpu::anchor::select): `s ≥ s_(k)`, all kept when k ≥ #neg.
 fn select64(s: &[f64], k: usize) -> (Vec<bool>, Option<f64>) {
@@ -50,7 +51,7 @@ fn run<T: DeviceElement>(gpu: &Gpu, fx: &Fixture<T>, columns: bool, normalize: b
         .collect();
     let s32: Vec<Vec<f32>> = pairs
         .iter()
-        .map(|(a, negs)| negs.iter().map(|b| sim32(a, b, normalize)).collect())
+        .map(|(a, negs)| negs.iter().map(|b| sim_select(a, b, normalize)).collect())
         .collect();
     // f32 rounding of a dot product of D terms, relative to ‖a‖‖b‖.
     let scale: Vec<f64> = pairs

@@ -7,20 +7,23 @@
 //! the threshold all kept, so more than k may be kept).
 //!
 //! # Which similarities
-//! The selection is exact on the **f32** similarities this kernel computes:
-//! `s = Σ_c a_c b_c` accumulated in f32 (lane-strided `fmaf` in one warp, then a butterfly sum),
-//! times `inv_a · inv_b` (`inv = 1/max(‖x‖₂, 1e-12)`, computed as [`super::normalize`] does) when
-//! `normalize` is set. The threshold is one of those f32 values, bit for bit. Two consequences:
-//! - against the f64 CPU reference ([`crate::cpu`]), a negative whose similarity is within f32
-//!   rounding (a few ulps) of `s_(k)` may be selected differently; distinct similarities farther
-//!   apart than that select the same set, and exact duplicates (equal rows) stay tied;
-//! - a fused kernel that sums the same products in another order may see a tied negative a few
-//!   ulps below the threshold and drop it. To keep ties exact, run the fused kernel and this one
-//!   on the same data (if the fused path stores normalised rows `u` in the input dtype, pass `u`
-//!   here with `normalize = false`).
+//! The selection is exact on the **f32** similarities this kernel computes, which are those of
+//! the v1 fused kernels (kernels/infonce.cu `sim_tile`): `s = Σ_d a_d b_d` as one sequential
+//! `fmaf` chain in `d` order from +0 (zero-padded to a multiple of 32 columns) on the values as
+//! stored. With `normalize = false` the threshold is therefore, bit for bit, one of the `s` the
+//! fused kernel compares with it, and ties at `s_(k)` stay ties there. The fused path normalises
+//! into a copy `u` (in the input dtype) before its loss kernels: **pass that copy here with
+//! `normalize = false`**. `normalize = true` is for standalone use: it multiplies by
+//! `inv_a · inv_b` (`inv = 1/max(‖x‖₂, 1e-12)`, squared norms summed in the same sequential order),
+//! which is not bit-identical to normalising first.
+//!
+//! Against the f64 CPU reference ([`crate::cpu`]), a negative whose similarity is within f32
+//! rounding (a few ulps) of `s_(k)` may be selected differently; exact duplicates (equal rows)
+//! stay tied.
 //!
 //! # Method
-//! One block per anchor (256 threads, one warp per negative); a radix select over the
+//! One block per anchor (256 threads; each warp takes 32 negatives at a time, one per lane, the
+//! slab of 32 key columns transposed through a shared tile); a radix select over the
 //! order-preserving u32 keys of the similarities ([`orderable_key`]): three passes (digits
 //! 31..21, 20..10, 9..0) recompute every similarity, histogram the next digit in shared memory
 //! (integer atomics, so deterministic) and fix it. Nothing N×K is stored; the cost is three reads
@@ -40,7 +43,8 @@ use crate::error::{Error, Result};
 const KERNEL: &str = "select";
 /// A grid or block shape.
 type Dim3 = (u32, u32, u32);
-/// Threads per block of `select_kth_*`: eight warps, one negative per warp at a time.
+/// Threads per block of `select_kth_*`: eight warps (the kernel's SELECT_WARPS), 32 negatives per
+/// warp at a time.
 pub(crate) const SELECT_THREADS: u32 = 256;
 
 /// Which key rows are an anchor's negatives (kernels/pairs.cuh, `SKIP_*`).
@@ -260,7 +264,7 @@ pub(crate) fn self_pairs<T: DeviceElement>(
 }
 
 /// Grid and block of `select_kth_*` for `anchors` anchors: one block of [`SELECT_THREADS`]
-/// threads per anchor, static shared memory only (8 KiB of histogram).
+/// threads per anchor, static shared memory only (8 KiB of histogram, 33 KiB of warp tiles).
 pub(crate) fn select_dims(anchors: usize) -> Result<(Dim3, Dim3)> {
     Ok((
         (launch::grid_dim(KERNEL, anchors, 1)?, 1, 1),

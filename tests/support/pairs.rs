@@ -1,6 +1,6 @@
 //! Shared by tests/gpu_select.rs and tests/gpu_metrics.rs: device fixtures for every mode, the
 //! host layout of anchors and negatives (spec/losses.md, Modes), f64 similarities (the oracle) and
-//! the selection kernel's f32 similarities emulated bit for bit.
+//! the kernels' f32 similarities emulated bit for bit.
 #![allow(dead_code)]
 
 use fused_infonce::cuda::{DeviceElement, DeviceInputs, DeviceMatrix, Gpu, QueueView};
@@ -187,30 +187,26 @@ pub fn sim64(a: &[f64], b: &[f64], normalize: bool) -> f64 {
     }
 }
 
-/// One warp's dot product as kernels/pairs.cuh computes it: lane l accumulates c = l, l+32, …
-/// with fmaf, then the butterfly (xor 16, 8, 4, 2, 1) sum; lane 0's value.
-pub fn warp_dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut v = [0f32; 32];
-    for (c, (x, y)) in a.iter().zip(b).enumerate() {
-        v[c % 32] = x.mul_add(*y, v[c % 32]);
-    }
-    for o in [16usize, 8, 4, 2, 1] {
-        let prev = v;
-        for l in 0..32 {
-            v[l] = prev[l] + prev[l ^ o];
-        }
-    }
-    v[0]
+/// The sequential dot product of kernels/select.cu's `lane_dot` (and of kernels/infonce.cu v1's
+/// `sim_tile`): one fmaf chain in d order from +0, zero-padded to a multiple of 32 columns.
+pub fn seq_dot(a: &[f32], b: &[f32]) -> f32 {
+    let padded = a.len().div_ceil(32) * 32;
+    (0..padded).fold(0f32, |acc, d| {
+        let x = a.get(d).copied().unwrap_or(0.0);
+        let y = b.get(d).copied().unwrap_or(0.0);
+        x.mul_add(y, acc)
+    })
 }
 
-/// The kernels' f32 similarity (warp_sim), bit for bit.
-pub fn sim32(a: &[f64], b: &[f64], normalize: bool) -> f32 {
+/// The selection kernel's f32 similarity, bit for bit: [`seq_dot`], times `inv_a · inv_b`
+/// (`1/max(√(seq_dot(x, x)), 1e-12)`) with `normalize`.
+pub fn sim_select(a: &[f64], b: &[f64], normalize: bool) -> f32 {
     let a: Vec<f32> = a.iter().map(|&v| v as f32).collect();
     let b: Vec<f32> = b.iter().map(|&v| v as f32).collect();
-    let dot = warp_dot(&a, &b);
+    let dot = seq_dot(&a, &b);
     if !normalize {
         return dot;
     }
-    let inv = |x: &[f32]| 1.0f32 / warp_dot(x, x).sqrt().max(1e-12);
+    let inv = |x: &[f32]| 1.0f32 / seq_dot(x, x).sqrt().max(1e-12);
     dot * inv(&a) * inv(&b)
 }
