@@ -15,7 +15,9 @@
 #[path = "support/pairs.rs"]
 mod pairs;
 
-use fused_infonce::cuda::select::{hard_thresholds, hard_thresholds_into, threshold_len};
+use fused_infonce::cuda::select::{
+    hard_thresholds, hard_thresholds_into, radix_select_host, threshold_len,
+};
 use fused_infonce::cuda::{gpu_or_skip, DeviceElement, Gpu};
 use fused_infonce::{bf16, f16};
 use pairs::{sim64, sim_select, Fixture, Layout};
@@ -40,9 +42,15 @@ fn kth32(s: &[f32], k: usize) -> f32 {
     sorted[k - 1]
 }
 
-fn run<T: DeviceElement>(gpu: &Gpu, fx: &Fixture<T>, columns: bool, normalize: bool, ks: &[usize]) {
-    let inputs = fx.inputs();
-    let n = threshold_len(&inputs);
+/// Checks the thresholds `thresholds(k)` of one side of `fx` for every k in `ks`.
+fn check<T: DeviceElement>(
+    fx: &Fixture<T>,
+    columns: bool,
+    normalize: bool,
+    ks: &[usize],
+    thresholds: &mut dyn FnMut(usize) -> Vec<f32>,
+) {
+    let n = fx.anchors();
     let pairs = fx.pairs(columns);
     assert_eq!(pairs.len(), n);
     let s64: Vec<Vec<f64>> = pairs
@@ -75,9 +83,8 @@ fn run<T: DeviceElement>(gpu: &Gpu, fx: &Fixture<T>, columns: bool, normalize: b
         fx.layout
     );
     for &k in ks {
-        let mut out = gpu.stream().clone_htod(&vec![f32::NAN; n]).unwrap();
-        hard_thresholds_into(gpu, &inputs, normalize, k, columns, &mut out).unwrap();
-        let thr = gpu.stream().clone_dtoh(&out).unwrap();
+        let thr = thresholds(k);
+        assert_eq!(thr.len(), n, "{what} k={k}");
         for i in 0..n {
             let want = kth32(&s32[i], k);
             assert_eq!(
@@ -106,6 +113,39 @@ fn run<T: DeviceElement>(gpu: &Gpu, fx: &Fixture<T>, columns: bool, normalize: b
             );
         }
     }
+}
+
+/// Checks the GPU thresholds (outputs poisoned with NaN before each launch).
+fn run<T: DeviceElement>(gpu: &Gpu, fx: &Fixture<T>, columns: bool, normalize: bool, ks: &[usize]) {
+    let inputs = fx.inputs();
+    let n = threshold_len(&inputs);
+    assert_eq!(n, fx.anchors());
+    check(fx, columns, normalize, ks, &mut |k| {
+        let mut out = gpu.stream().clone_htod(&vec![f32::NAN; n]).unwrap();
+        hard_thresholds_into(gpu, &inputs, normalize, k, columns, &mut out).unwrap();
+        gpu.stream().clone_dtoh(&out).unwrap()
+    });
+}
+
+/// The kernel's result computed on the host: [`radix_select_host`] over the emulated f32
+/// similarities.
+fn host_thresholds<T: DeviceElement>(
+    fx: &Fixture<T>,
+    columns: bool,
+    normalize: bool,
+    k: usize,
+) -> Vec<f32> {
+    fx.pairs(columns)
+        .iter()
+        .map(|(a, negs)| {
+            let s: Vec<f32> = negs.iter().map(|b| sim_select(a, b, normalize)).collect();
+            if k >= s.len() {
+                f32::NEG_INFINITY
+            } else {
+                radix_select_host(&s, k).unwrap()
+            }
+        })
+        .collect()
 }
 
 /// Every k from 1 to two past the largest #negatives.
@@ -162,6 +202,35 @@ fn modes<T: DeviceElement>(gpu: &Gpu, seed: u64) {
             for &columns in sides {
                 for normalize in [true, false] {
                     run(gpu, &fx, columns, normalize, &all_k(&fx, columns));
+                }
+            }
+        }
+    }
+}
+
+/// Runs everywhere: the harness itself (layouts, f64 parity with its near-tie allowance) with the
+/// kernel replaced by its host mirror on the emulated similarities.
+#[test]
+fn select_harness_on_host() {
+    for (li, layout) in layouts().into_iter().enumerate() {
+        for cols in [1usize, 24, 70] {
+            let seed = 900 + 17 * li as u64 + cols as u64;
+            let f = Fixture::<f32>::host(layout, cols, seed, true);
+            let b = Fixture::<bf16>::host(layout, cols, seed, true);
+            let sides: &[bool] = if matches!(layout, Layout::Symmetric { .. }) {
+                &[false, true]
+            } else {
+                &[false]
+            };
+            for &columns in sides {
+                for normalize in [true, false] {
+                    let ks = all_k(&f, columns);
+                    check(&f, columns, normalize, &ks, &mut |k| {
+                        host_thresholds(&f, columns, normalize, k)
+                    });
+                    check(&b, columns, normalize, &ks, &mut |k| {
+                        host_thresholds(&b, columns, normalize, k)
+                    });
                 }
             }
         }

@@ -43,9 +43,14 @@ pub fn row(m: &[f64], cols: usize, r: usize) -> &[f64] {
 }
 
 impl<T: DeviceElement> Fixture<T> {
-    /// Random rows in [−1, 1). With `dups`, key rows 1, 2, 3 (and query rows 1, 2, 3 in symmetric
-    /// mode, the column anchors' keys) copy row 0, so similarities tie exactly.
+    /// Random rows in [−1, 1), uploaded. With `dups`, key rows 1, 2, 3 (and query rows 1, 2, 3 in
+    /// symmetric mode, the column anchors' keys) copy row 0, so similarities tie exactly.
     pub fn new(gpu: &Gpu, layout: Layout, cols: usize, seed: u64, dups: bool) -> Self {
+        Self::host(layout, cols, seed, dups).upload(gpu)
+    }
+
+    /// As [`Fixture::new`], host side only (no device: `inputs` must not be called).
+    pub fn host(layout: Layout, cols: usize, seed: u64, dups: bool) -> Self {
         let mut rng = StdRng::seed_from_u64(seed);
         let shapes: Vec<usize> = match layout {
             Layout::Queue { n, cap, .. } => vec![n, n, cap],
@@ -60,7 +65,6 @@ impl<T: DeviceElement> Fixture<T> {
             Layout::Symmetric { .. } => vec![0, 1],
         };
         let mut host = Vec::new();
-        let mut dev = Vec::new();
         for (mi, &rows) in shapes.iter().enumerate() {
             let mut data: Vec<T> = (0..rows * cols)
                 .map(|_| T::from_f64(rng.random_range(-1.0..1.0)))
@@ -73,8 +77,6 @@ impl<T: DeviceElement> Fixture<T> {
                 }
             }
             host.push(data.iter().map(|v| v.to_f64()).collect());
-            let m = MatRef::new("m", &data, rows, cols).unwrap();
-            dev.push(DeviceMatrix::upload(gpu, &m).unwrap());
         }
         let targets = match layout {
             Layout::Cross {
@@ -89,16 +91,40 @@ impl<T: DeviceElement> Fixture<T> {
             ),
             _ => None,
         };
-        let targets_dev = targets
-            .as_ref()
-            .map(|t| gpu.stream().clone_htod(t).unwrap());
         Self {
             layout,
             cols,
             host,
-            dev,
+            dev: Vec::new(),
             targets,
-            targets_dev,
+            targets_dev: None,
+        }
+    }
+
+    /// Uploads the host matrices (and targets).
+    pub fn upload(mut self, gpu: &Gpu) -> Self {
+        self.dev = self
+            .host
+            .iter()
+            .map(|h| {
+                let data: Vec<T> = h.iter().map(|&v| T::from_f64(v)).collect();
+                let rows = data.len() / self.cols.max(1);
+                let m = MatRef::new("m", &data, rows, self.cols).unwrap();
+                DeviceMatrix::upload(gpu, &m).unwrap()
+            })
+            .collect();
+        self.targets_dev = self
+            .targets
+            .as_ref()
+            .map(|t| gpu.stream().clone_htod(t).unwrap());
+        self
+    }
+
+    /// The number of anchors of one side.
+    pub fn anchors(&self) -> usize {
+        match self.layout {
+            Layout::Queue { n, .. } | Layout::Cross { n, .. } | Layout::Symmetric { n } => n,
+            Layout::InBatch { rows } => rows,
         }
     }
 
