@@ -3,14 +3,17 @@
 // order, per-block partials merged by a final one-block kernel): no float atomics, so results are
 // deterministic for a given launch configuration.
 //
-// Uniformity (eq. 10), on unit rows  −t‖u_i − u_j‖² = 2t(s_ij − 1):
-//   metrics_uniformity_rows_<dt>:  per row i, the (max, sum) state of LSE_(j≠i) 2t(s_ij − 1)
+// Uniformity (eq. 10):  −t‖u_i − u_j‖² = −t(‖u_i‖² + ‖u_j‖² − 2 s_ij)  (= 2t(s_ij − 1) for unit rows;
+// the general form keeps an all-zero row exact, as the CPU metric does):
+//   metrics_uniformity_rows_<dt>:  per row i, the (max, sum) state of LSE_(j≠i) −t‖u_i − u_j‖²
 //   metrics_lse_merge:             LSE over all rows' states − log(n(n−1))
 // Tolerance (eq. 11):  Σ_(i≠j, same class) s_ij = Σ_c (‖S_c‖² − Σ_(i∈c) ‖u_i‖²),  S_c = Σ_(i∈c) u_i
 //   metrics_rownorm_<dt>:          inv_norm_i = 1/max(‖x_i‖, ε),  sqnorm_i = ‖u_i‖²
 //   metrics_classsum_<dt>:         S_c, n_c, Σ_(i∈c) ‖u_i‖² (rows in index order)
 //   metrics_tolerance_merge:       Σ_c (‖S_c‖² − Σ‖u_i‖²) / Σ_c n_c(n_c − 1)
-// Penalty histogram and effective negatives (eq. 5):  r_i(s_ij) = exp(s_ij/τ − LSE_(k neg) s_ik/τ)
+// Penalty histogram and effective negatives (eq. 5):  r_i(s_ij) = exp(z_ij − LSE_(k neg) z_ik),
+// z = s/τ(s) with τ(s) = τ_min + ½(τ_max − τ_min)(1 + cos(π(1 + s))) (DySTreSS; a fixed τ is
+// τ_min = τ_max = τ)
 //   metrics_penalty_<dt>:          per block (anchors b, b+G, …): bins Σ_i Σ_(j neg, s_ij ∈ bin) r_i,
 //                                  and Σ_i exp(entropy(r_i)), entropy(r_i) = Σ_j r_ij (LSE_i − z_ij)
 //   metrics_penalty_merge:         H_b = (1/N) Σ_blocks bins_b,  effective = (1/N) Σ_blocks eff
@@ -20,12 +23,13 @@ constexpr int METRICS_MAX_WARPS = 32;
 
 // ---- uniformity -------------------------------------------------------------------------------
 
-// One block per row i: state[i] = (max, sum) of LSE_(j≠i) scale·(s_ij − 1), scale = 2t.
+// One block per row i: state[i] = (max, sum) of LSE_(j≠i) −t(‖u_i‖² + ‖u_j‖² − 2 s_ij).
 template <typename T>
-__device__ void uniformity_rows(PairSet<T> p, float scale, float* __restrict__ row_max,
+__device__ void uniformity_rows(PairSet<T> p, float t, float* __restrict__ row_max,
                                 float* __restrict__ row_sum) {
     __shared__ LseState warp_state[METRICS_MAX_WARPS];
     __shared__ float s_inv_a;
+    __shared__ float s_a_sq;
     const int64_t i = blockIdx.x;
     if (i >= p.n_anchors) return;
     const int lane = threadIdx.x % WARP;
@@ -35,18 +39,27 @@ __device__ void uniformity_rows(PairSet<T> p, float scale, float* __restrict__ r
     p.skipped(i, s0, s1);
     const T* a = p.anchors + i * (int64_t)p.cols;
     if (warp == 0) {
+        // ‖a‖² by warp_sim_sq's own arithmetic (a against itself), so that a row's ‖u‖² is the
+        // same whether it is the anchor or the key.
         const float inv = warp_inv_norm(a, p.cols, lane);
-        if (lane == 0) s_inv_a = inv;
+        float a_sq;
+        (void)warp_sim_sq(a, inv, a, p.cols, p.normalize, lane, a_sq);
+        if (lane == 0) {
+            s_inv_a = inv;
+            s_a_sq = a_sq;
+        }
     }
     __syncthreads();
     const float inv_a = p.normalize ? s_inv_a : 1.0f;
+    const float a_sq = s_a_sq;
     LseState st = lse_empty();
     for (int64_t j = warp; j < p.len; j += nwarps) {
         const int64_t row = p.key_row(j);
         if (row == s0 || row == s1) continue;
-        const float s = warp_sim(a, inv_a, p.keys + row * (int64_t)p.cols, p.cols, p.normalize,
-                                 lane);
-        st = lse_push(st, scale * (s - 1.0f));
+        float b_sq;
+        const float s = warp_sim_sq(a, inv_a, p.keys + row * (int64_t)p.cols, p.cols,
+                                    p.normalize, lane, b_sq);
+        st = lse_push(st, -t * ((a_sq + b_sq) - 2.0f * s));
     }
     if (lane == 0) warp_state[warp] = st;
     __syncthreads();
@@ -185,13 +198,19 @@ __device__ __forceinline__ int penalty_bin(float s, int bins) {
     return f >= (float)(bins - 1) ? bins - 1 : (int)f;
 }
 
+// z = s / τ(s) (DySTreSS; τ_min = τ_max is a fixed τ, exactly s / τ).
+__device__ __forceinline__ float penalty_logit(float s, float tau_min, float tau_max) {
+    if (tau_max == tau_min) return s / tau_min;
+    return s / (tau_min + 0.5f * (tau_max - tau_min) * (1.0f + cospif(1.0f + s)));
+}
+
 // Block b handles anchors b, b + G, … (G = gridDim.x). Per anchor: a pass for LSE_i of the
-// negatives' z = s/τ, then a pass adding r = exp(z − LSE_i) into the warp's own bins (lane 0,
+// negatives' z = s/τ(s), then a pass adding r = exp(z − LSE_i) into the warp's own bins (lane 0,
 // in negative order) and r (LSE_i − z) into the entropy. Dynamic shared memory: nwarps × bins
 // floats. Writes hist_part[b·bins + bin] and eff_part[b] (anchors without negatives add 0).
 template <typename T>
-__device__ void penalty(PairSet<T> p, float inv_tau, int bins, float* __restrict__ hist_part,
-                        float* __restrict__ eff_part) {
+__device__ void penalty(PairSet<T> p, float tau_min, float tau_max, int bins,
+                        float* __restrict__ hist_part, float* __restrict__ eff_part) {
     extern __shared__ float warp_bins[];
     __shared__ LseState warp_state[METRICS_MAX_WARPS];
     __shared__ float warp_ent[METRICS_MAX_WARPS];
@@ -221,7 +240,7 @@ __device__ void penalty(PairSet<T> p, float inv_tau, int bins, float* __restrict
             if (row == s0 || row == s1) continue;
             const float s = warp_sim(a, inv_a, p.keys + row * (int64_t)p.cols, p.cols,
                                      p.normalize, lane);
-            st = lse_push(st, s * inv_tau);
+            st = lse_push(st, penalty_logit(s, tau_min, tau_max));
         }
         if (lane == 0) warp_state[warp] = st;
         __syncthreads();
@@ -240,7 +259,7 @@ __device__ void penalty(PairSet<T> p, float inv_tau, int bins, float* __restrict
                 if (row == s0 || row == s1) continue;
                 const float s = warp_sim(a, inv_a, p.keys + row * (int64_t)p.cols, p.cols,
                                          p.normalize, lane);
-                const float z = s * inv_tau;
+                const float z = penalty_logit(s, tau_min, tau_max);
                 const float r = __expf(z - lse);
                 if (lane == 0) {
                     my_bins[penalty_bin(s, bins)] += r;
@@ -285,9 +304,9 @@ extern "C" __global__ void metrics_penalty_merge(const float* __restrict__ hist_
 }
 
 #define METRICS_ENTRY(NAME, T)                                                                  \
-    extern "C" __global__ void metrics_uniformity_rows_##NAME(PAIR_SET_PARAMS(T), float scale,  \
+    extern "C" __global__ void metrics_uniformity_rows_##NAME(PAIR_SET_PARAMS(T), float t,      \
                                                               float* row_max, float* row_sum) { \
-        uniformity_rows<T>(PAIR_SET_ARGS(T), scale, row_max, row_sum);                          \
+        uniformity_rows<T>(PAIR_SET_ARGS(T), t, row_max, row_sum);                              \
     }                                                                                           \
     extern "C" __global__ void metrics_rownorm_##NAME(const T* x, int64_t rows, int cols,       \
                                                       float* inv_norm, float* sqnorm) {         \
@@ -300,9 +319,9 @@ extern "C" __global__ void metrics_penalty_merge(const float* __restrict__ hist_
         classsum<T>(x, inv_norm, sqnorm, labels, rows, cols, classes, class_sum, class_count,   \
                     class_sq);                                                                  \
     }                                                                                           \
-    extern "C" __global__ void metrics_penalty_##NAME(PAIR_SET_PARAMS(T), float inv_tau,        \
-                                                      int bins, float* hist_part,               \
+    extern "C" __global__ void metrics_penalty_##NAME(PAIR_SET_PARAMS(T), float tau_min,        \
+                                                      float tau_max, int bins, float* hist_part, \
                                                       float* eff_part) {                        \
-        penalty<T>(PAIR_SET_ARGS(T), inv_tau, bins, hist_part, eff_part);                       \
+        penalty<T>(PAIR_SET_ARGS(T), tau_min, tau_max, bins, hist_part, eff_part);              \
     }
 INFONCE_FOR_EACH_DTYPE(METRICS_ENTRY)

@@ -95,6 +95,31 @@ __device__ __forceinline__ float warp_sim(const T* __restrict__ a, float inv_a,
     return __fmul_rn(__fmul_rn(dot, inv_a), inv_b);
 }
 
+// As warp_sim, also giving b's squared norm as used: ‖b‖² · inv_b² with `normalize` (1 for a
+// non-zero row, 0 for a zero row), ‖b‖² without.
+template <typename T>
+__device__ __forceinline__ float warp_sim_sq(const T* __restrict__ a, float inv_a,
+                                             const T* __restrict__ b, int cols, int normalize,
+                                             int lane, float& b_sq) {
+    float dot = 0.0f;
+    float bb = 0.0f;
+    for (int c = lane; c < cols; c += WARP) {
+        const float x = to_f32(a[c]);
+        const float y = to_f32(b[c]);
+        dot = fmaf(x, y, dot);
+        bb = fmaf(y, y, bb);
+    }
+    dot = warp_sum(dot);
+    bb = warp_sum(bb);
+    if (!normalize) {
+        b_sq = bb;
+        return dot;
+    }
+    const float inv_b = 1.0f / fmaxf(sqrtf(bb), PAIR_NORM_EPS);
+    b_sq = bb * inv_b * inv_b;
+    return __fmul_rn(__fmul_rn(dot, inv_a), inv_b);
+}
+
 // Adds one logit z to an online (max, sum) state.
 __device__ __forceinline__ LseState lse_push(LseState s, float z) {
     if (z > s.row_max) {

@@ -12,7 +12,7 @@ use fused_infonce::cuda::metrics::{
     dense_labels, penalty, tolerance, tolerance_into, uniformity, uniformity_into, UNIFORMITY_T,
 };
 use fused_infonce::cuda::{gpu_or_skip, DeviceElement, DeviceMatrix, Gpu};
-use fused_infonce::{bf16, f16, MatRef};
+use fused_infonce::{bf16, f16, DystressGrad, MatRef, Temperature};
 use pairs::{sim64, unit, Fixture, Layout};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -57,7 +57,14 @@ fn uniformity64(u: &[Vec<f64>], t: f64) -> f64 {
 
 fn check_uniformity<T: DeviceElement>(gpu: &Gpu, seed: u64) {
     for (rows, cols) in [(2usize, 1usize), (3, 5), (37, 24), (300, 70), (9, 129)] {
-        let (data, u) = random::<T>(rows, cols, seed + rows as u64);
+        let (mut data, mut u) = random::<T>(rows, cols, seed + rows as u64);
+        if rows == 37 {
+            // An all-zero row: u = 0, ‖u_i − u_j‖² = 1 (the general form, not 2 − 2s).
+            for v in &mut data[cols..2 * cols] {
+                *v = T::from_f64(0.0);
+            }
+            u[1] = vec![0.0; cols];
+        }
         let x = DeviceMatrix::upload(gpu, &MatRef::new("x", &data, rows, cols).unwrap()).unwrap();
         for t in [UNIFORMITY_T, 0.5] {
             let mut out = gpu.stream().clone_htod(&[f32::NAN]).unwrap();
@@ -182,7 +189,7 @@ fn tolerance_bf16() {
 /// a rounding-level bin flip may move).
 fn penalty64(
     pairs: &[(Vec<f64>, Vec<Vec<f64>>)],
-    tau: f64,
+    temp: &Temperature,
     bins: usize,
     tol: f64,
 ) -> (Vec<f64>, f64, f64) {
@@ -194,7 +201,7 @@ fn penalty64(
             continue;
         }
         let s: Vec<f64> = negs.iter().map(|b| sim64(a, b, true)).collect();
-        let z: Vec<f64> = s.iter().map(|v| v / tau).collect();
+        let z: Vec<f64> = s.iter().map(|&v| v / temp.tau(v)).collect();
         let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let lse = m + z.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
         let mut ent = 0.0;
@@ -249,8 +256,19 @@ fn check_penalty<T: DeviceElement>(gpu: &Gpu, seed: u64) {
                 &[false]
             };
             for &columns in sides {
-                for (tau, bins) in [(0.2, 20usize), (1.0, 7), (0.07, 1024), (0.5, 1)] {
-                    let got = penalty(gpu, &fx.inputs(), columns, tau, bins).unwrap();
+                let dystress = Temperature::Dystress {
+                    tau_min: 0.1,
+                    tau_max: 0.2,
+                    grad: DystressGrad::Detach,
+                };
+                for (tau, bins) in [
+                    (Temperature::Fixed(0.2), 20usize),
+                    (Temperature::Learnable(1.0), 7),
+                    (Temperature::Fixed(0.07), 1024),
+                    (Temperature::Fixed(0.5), 1),
+                    (dystress, 16),
+                ] {
+                    let got = penalty(gpu, &fx.inputs(), columns, &tau, bins).unwrap();
                     let hist: Vec<f64> = gpu
                         .stream()
                         .clone_dtoh(&got.histogram)
@@ -260,9 +278,9 @@ fn check_penalty<T: DeviceElement>(gpu: &Gpu, seed: u64) {
                         .collect();
                     let eff = download1(gpu, &got.effective_negatives);
                     let (want_hist, want_eff, flip) =
-                        penalty64(&fx.pairs(columns), tau, bins, 1e-5);
+                        penalty64(&fx.pairs(columns), &tau, bins, 1e-5);
                     let what = format!(
-                        "{} {layout:?} cols={cols} columns={columns} tau={tau} bins={bins}",
+                        "{} {layout:?} cols={cols} columns={columns} {tau:?} bins={bins}",
                         T::DTYPE
                     );
                     assert_eq!(hist.len(), bins, "{what}");
@@ -328,14 +346,15 @@ fn penalty_many_anchors() {
         4,
         false,
     );
-    let got = penalty(&gpu, &fx.inputs(), false, 0.1, 50).unwrap();
+    let tau = Temperature::Fixed(0.1);
+    let got = penalty(&gpu, &fx.inputs(), false, &tau, 50).unwrap();
     let eff = download1(&gpu, &got.effective_negatives);
-    let (_, want_eff, _) = penalty64(&fx.pairs(false), 0.1, 50, 0.0);
+    let (_, want_eff, _) = penalty64(&fx.pairs(false), &tau, 50, 0.0);
     assert!(
         (eff - want_eff).abs() <= 1e-4 * (1.0 + want_eff),
         "{eff} vs {want_eff}"
     );
-    assert!(penalty(&gpu, &fx.inputs(), false, 0.0, 50).is_err());
-    assert!(penalty(&gpu, &fx.inputs(), false, 0.1, 0).is_err());
-    assert!(penalty(&gpu, &fx.inputs(), true, 0.1, 10).is_err());
+    assert!(penalty(&gpu, &fx.inputs(), false, &Temperature::Fixed(0.0), 50).is_err());
+    assert!(penalty(&gpu, &fx.inputs(), false, &tau, 0).is_err());
+    assert!(penalty(&gpu, &fx.inputs(), true, &tau, 10).is_err());
 }

@@ -2,15 +2,17 @@
 //! L2-normalised rows, for f32, f16 and bf16 inputs. Results stay in device memory (f32).
 //!
 //! - [`uniformity`]: `log mean_(i≠j) exp(−t ‖u_i − u_j‖²)` (Wang & Isola; Wang & Liu eq. 10),
-//!   computed as `LSE_(i≠j) 2t(s_ij − 1) − log(n(n−1))` (exact for unit rows; an all-zero row is
-//!   treated as if it were a unit row in that identity). One fused pass: per row a running
-//!   (max, sum) over `j ≠ i`, then one block merges the rows in a fixed order.
+//!   computed as `LSE_(i≠j) −t(‖u_i‖² + ‖u_j‖² − 2 s_ij) − log(n(n−1))` (`= 2t(s_ij − 1)` for unit
+//!   rows; the general form keeps an all-zero row exact, as the CPU `metrics::uniformity` does).
+//!   One fused pass: per row a running (max, sum) over `j ≠ i`, then one block merges the rows in
+//!   a fixed order.
 //! - [`tolerance`]: the mean of `s_ij` over pairs `i ≠ j` with equal labels (eq. 11), as
 //!   `Σ_c (‖S_c‖² − Σ_(i∈c) ‖u_i‖²) / Σ_c n_c(n_c − 1)` with `S_c = Σ_(i∈c) u_i`: per-class sums in
 //!   row order (one block per class and 128 columns; no pairwise pass, no float atomics). Labels are
 //!   dense class ids in `[0, classes)` ([`dense_labels`] maps arbitrary labels on the host).
 //! - [`penalty`]: the penalty histogram `H_b = (1/N) Σ_i Σ_(j neg, s_ij ∈ b) r_i(s_ij)` over `bins`
-//!   equal bins of `[−1, 1]`, with `r_i(s) = exp(s/τ) / Σ_(k neg) exp(s_ik/τ)` (eq. 5), and the
+//!   equal bins of `[−1, 1]`, with `r_i(s_ij) = softmax_j(z_ij)` over the negatives,
+//!   `z = s/τ(s)` (a fixed τ, or DySTreSS's `τ(s)`) (eq. 5), and the
 //!   effective number of negatives `mean_i exp(entropy(r_i))`, fused: per anchor one pass for the
 //!   negatives' LSE and one for the bins and the entropy; per-warp bins in shared memory, per-block
 //!   partials, merged in a fixed order by one block.
@@ -26,6 +28,7 @@ use super::launch;
 use super::matrix::{DeviceElement, DeviceMatrix};
 use super::select::{pair_set, self_pairs};
 use crate::error::{Error, Result};
+use crate::spec::Temperature;
 
 const KERNEL: &str = "metrics";
 /// Threads per block of the pair kernels (uniformity rows, penalty): eight warps.
@@ -154,7 +157,7 @@ pub fn uniformity_into<T: DeviceElement>(
     let p = self_pairs(x, true)?;
     let mut row_max = gpu.stream().alloc_zeros::<f32>(n)?;
     let mut row_sum = gpu.stream().alloc_zeros::<f32>(n)?;
-    let scale = (2.0 * t) as f32;
+    let t32 = t as f32;
     {
         let f = gpu.function(
             KERNEL,
@@ -163,8 +166,8 @@ pub fn uniformity_into<T: DeviceElement>(
         let cfg = config(gpu, uniformity_dims(n)?)?;
         let mut b = gpu.stream().launch_builder(&f);
         p.push(&mut b);
-        b.arg(&scale).arg(&mut row_max).arg(&mut row_sum);
-        // SAFETY: signature (PAIR_SET_PARAMS(T), float scale, float* row_max, float* row_sum);
+        b.arg(&t32).arg(&mut row_max).arg(&mut row_sum);
+        // SAFETY: signature (PAIR_SET_PARAMS(T), float t, float* row_max, float* row_sum);
         // the pair set is x against itself (n × cols, skipping row i), row_max and row_sum hold
         // n floats.
         unsafe { b.launch(cfg) }?;
@@ -319,7 +322,9 @@ pub struct PenaltyMetrics {
 
 /// The penalty histogram over `bins` bins (`1..=1024`) and the effective number of negatives of
 /// the anchors of `inputs` (all modes; with `columns`, symmetric mode's column anchors), on the
-/// normalised rows, at temperature `temperature` (fixed τ: `r_i(s) ∝ exp(s/τ)`).
+/// normalised rows, with the logits `z = s/τ(s)` of `temperature` (fixed, learnable: its value;
+/// DySTreSS: `τ(s)`), as the CPU `metrics::penalty_histogram` and `metrics::effective_negatives`
+/// define them.
 ///
 /// Both are means over the N anchors of that side; an anchor without negatives (an empty queue)
 /// adds 0 to both.
@@ -327,10 +332,30 @@ pub fn penalty<T: DeviceElement>(
     gpu: &Gpu,
     inputs: &DeviceInputs<'_, T>,
     columns: bool,
-    temperature: f64,
+    temperature: &Temperature,
     bins: usize,
 ) -> Result<PenaltyMetrics> {
-    positive_finite("temperature", temperature)?;
+    let (tau_min, tau_max) = match *temperature {
+        Temperature::Fixed(t) | Temperature::Learnable(t) => {
+            positive_finite("temperature", t)?;
+            (t, t)
+        }
+        Temperature::Dystress {
+            tau_min, tau_max, ..
+        } => {
+            positive_finite("tau_min", tau_min)?;
+            positive_finite("tau_max", tau_max)?;
+            if tau_max < tau_min {
+                return Err(Error::parameter(
+                    "dystress",
+                    format!("{tau_min},{tau_max}"),
+                    "needs tau_min <= tau_max",
+                ));
+            }
+            (tau_min, tau_max)
+        }
+    };
+    let (tau_min, tau_max) = (tau_min as f32, tau_max as f32);
     let p = pair_set(inputs, columns, true)?;
     let n = p.anchors();
     if n == 0 {
@@ -345,7 +370,6 @@ pub fn penalty<T: DeviceElement>(
     let s = gpu.stream();
     let mut hist_part = s.alloc_zeros::<f32>(groups * bins)?;
     let mut eff_part = s.alloc_zeros::<f32>(groups)?;
-    let inv_tau = (1.0 / temperature) as f32;
     let bins_i = bins as i32;
     let name = T::DTYPE.name();
     {
@@ -353,11 +377,12 @@ pub fn penalty<T: DeviceElement>(
         let cfg = config(gpu, dims)?;
         let mut b = s.launch_builder(&f);
         p.push(&mut b);
-        b.arg(&inv_tau)
+        b.arg(&tau_min)
+            .arg(&tau_max)
             .arg(&bins_i)
             .arg(&mut hist_part)
             .arg(&mut eff_part);
-        // SAFETY: signature (PAIR_SET_PARAMS(T), float inv_tau, int bins, float* hist_part,
+        // SAFETY: signature (PAIR_SET_PARAMS(T), float tau_min, float tau_max, int bins, float* hist_part,
         // float* eff_part); the pair set's shapes were checked by pair_set; hist_part holds
         // gridDim.x × bins floats and eff_part gridDim.x; the dynamic shared memory is
         // nwarps × bins floats as the kernel indexes it.
