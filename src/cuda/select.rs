@@ -21,6 +21,14 @@
 //! rounding (a few ulps) of `s_(k)` may be selected differently; exact duplicates (equal rows)
 //! stay tied.
 //!
+//! # Use with the fused loss (`hard:k`)
+//! In `evaluate_device`, for `spec.variant().hard_k() == Some(k)`: build the `DeviceInputs` over
+//! the matrices the loss kernels read (the normalised copies when the spec normalises), call
+//! `hard_thresholds(gpu, &inputs, false, k, false)` and pass it as `InfonceParams::s_threshold`
+//! of the row problem; in symmetric mode also `hard_thresholds(gpu, &inputs, false, k, true)` for
+//! the column problem (X = B, Y = A). The threshold semantics are the kernel's
+//! `!(s < threshold)`: `−inf` keeps everything, so `k ≥ #negatives` is the standard loss.
+//!
 //! # Method
 //! One block per anchor (256 threads; each warp takes 32 negatives at a time, one per lane, the
 //! slab of 32 key columns transposed through a shared tile); a radix select over the
