@@ -10,9 +10,11 @@ pub mod fused;
 pub mod kernels_v1;
 pub mod launch;
 pub mod matrix;
+pub mod metrics;
 pub mod module;
 pub mod normalize;
 pub mod queue;
+pub mod select;
 pub mod unfused;
 
 pub use device::{

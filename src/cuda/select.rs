@@ -1,0 +1,524 @@
+//! Hard-negative thresholds on the device (kernels/select.cu; spec/losses.md, Variants `hard:k`,
+//! Wang & Liu eq. 9).
+//!
+//! [`hard_thresholds`] returns, per anchor, `s_(k)`: the exact k-th largest of the anchor's
+//! negative similarities, or `−inf` when `k ≥ #negatives` (every negative kept). The fused loss
+//! kernels take it as their `s_threshold` array and keep the negatives with `s ≥ s_(k)` (ties at
+//! the threshold all kept, so more than k may be kept).
+//!
+//! # Which similarities
+//! The selection is exact on the **f32** similarities this kernel computes, which are those of
+//! the v1 fused kernels (kernels/infonce.cu `sim_tile`): `s = Σ_d a_d b_d` as one sequential
+//! `fmaf` chain in `d` order from +0 (zero-padded to a multiple of 32 columns) on the values as
+//! stored. With `normalize = false` the threshold is therefore, bit for bit, one of the `s` the
+//! fused kernel compares with it, and ties at `s_(k)` stay ties there. The fused path normalises
+//! into a copy `u` (in the input dtype) before its loss kernels: **pass that copy here with
+//! `normalize = false`**. `normalize = true` is for standalone use: it multiplies by
+//! `inv_a · inv_b` (`inv = 1/max(‖x‖₂, 1e-12)`, squared norms summed in the same sequential order),
+//! which is not bit-identical to normalising first.
+//!
+//! Against the f64 CPU reference ([`crate::cpu`]), a negative whose similarity is within f32
+//! rounding (a few ulps) of `s_(k)` may be selected differently; exact duplicates (equal rows)
+//! stay tied.
+//!
+//! # Use with the fused loss (`hard:k`)
+//! In `evaluate_device`, for `spec.variant().hard_k() == Some(k)`: build the `DeviceInputs` over
+//! the matrices the loss kernels read (the normalised copies when the spec normalises), call
+//! `hard_thresholds(gpu, &inputs, false, k, false)` and pass it as `InfonceParams::s_threshold`
+//! of the row problem; in symmetric mode also `hard_thresholds(gpu, &inputs, false, k, true)` for
+//! the column problem (X = B, Y = A). The threshold semantics are the kernel's
+//! `!(s < threshold)`: `−inf` keeps everything, so `k ≥ #negatives` is the standard loss.
+//!
+//! # Method
+//! One block per anchor (256 threads; each warp takes 32 negatives at a time, one per lane, the
+//! slab of 32 key columns transposed through a shared tile); a radix select over the
+//! order-preserving u32 keys of the similarities ([`orderable_key`]): three passes (digits
+//! 31..21, 20..10, 9..0) recompute every similarity, histogram the next digit in shared memory
+//! (integer atomics, so deterministic) and fix it. Nothing N×K is stored; the cost is three reads
+//! of the negatives per anchor. [`radix_select_host`] is the same algorithm in Rust (tested here).
+//!
+//! A NaN similarity orders as `total_cmp` does (a positive NaN is the largest value); a NaN
+//! threshold (a NaN among the k largest) keeps every negative in a kernel that drops `s < thr`.
+
+use cudarc::driver::{CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg};
+
+use super::device::Gpu;
+use super::fused::DeviceInputs;
+use super::launch;
+use super::matrix::{DeviceElement, DeviceMatrix};
+use crate::error::{Error, Result};
+
+const KERNEL: &str = "select";
+/// A grid or block shape.
+type Dim3 = (u32, u32, u32);
+/// Threads per block of `select_kth_*`: eight warps (the kernel's SELECT_WARPS), 32 negatives per
+/// warp at a time.
+pub(crate) const SELECT_THREADS: u32 = 256;
+
+/// Which key rows are an anchor's negatives (kernels/pairs.cuh, `SKIP_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(i32)]
+pub(crate) enum SkipMode {
+    /// Queue: every row of the ring.
+    None = 0,
+    /// Every key row except `targets[i]` (row `i` without targets).
+    Target = 1,
+    /// In-batch: every row except `i` and `(i + N) mod 2N`.
+    InBatch = 2,
+}
+
+/// The anchors and negatives of one side of a problem, as the kernels' `PairSet` arguments
+/// (pushed in the order of `PAIR_SET_PARAMS` in kernels/pairs.cuh).
+#[derive(Debug)]
+pub(crate) struct PairSetArgs<'a, T: DeviceElement> {
+    pub anchors: &'a DeviceMatrix<T>,
+    pub keys: &'a DeviceMatrix<T>,
+    pub targets: Option<&'a CudaSlice<i64>>,
+    pub n_anchors: i64,
+    pub capacity: i64,
+    pub start: i64,
+    pub len: i64,
+    pub cols: i32,
+    pub skip_mode: i32,
+    pub normalize: i32,
+    null: u64,
+}
+
+impl<'a, T: DeviceElement> PairSetArgs<'a, T> {
+    /// The number of anchors.
+    pub fn anchors(&self) -> usize {
+        self.n_anchors as usize
+    }
+
+    /// Pushes the ten `PAIR_SET_PARAMS` arguments.
+    pub fn push<'b>(&'b self, b: &mut LaunchArgs<'b>) {
+        b.arg(self.anchors.slice()).arg(self.keys.slice());
+        match self.targets {
+            Some(t) => b.arg(t),
+            None => b.arg(&self.null),
+        };
+        b.arg(&self.n_anchors)
+            .arg(&self.capacity)
+            .arg(&self.start)
+            .arg(&self.len)
+            .arg(&self.cols)
+            .arg(&self.skip_mode)
+            .arg(&self.normalize);
+    }
+}
+
+fn dims(name: &'static str, m: &DeviceMatrix<impl DeviceElement>, cols: usize) -> Result<()> {
+    if m.cols() != cols {
+        return Err(Error::shape(
+            name,
+            format!("[{}, {}]", m.rows(), m.cols()),
+            format!("[_, {cols}] (D as in the anchors)"),
+        ));
+    }
+    Ok(())
+}
+
+/// Resolves `inputs` into the anchors and negatives of one side: the row anchors, or with
+/// `columns` the column anchors of symmetric mode (anchor `b_j` against every `a_i`, `i ≠ j`).
+/// Checks the shapes the kernels rely on.
+pub(crate) fn pair_set<'a, T: DeviceElement>(
+    inputs: &DeviceInputs<'a, T>,
+    columns: bool,
+    normalize: bool,
+) -> Result<PairSetArgs<'a, T>> {
+    if columns && !matches!(inputs, DeviceInputs::Symmetric { .. }) {
+        return Err(Error::parameter(
+            "columns",
+            true,
+            "only symmetric mode has column anchors",
+        ));
+    }
+    let (anchors, keys, targets, start, len, skip) = match *inputs {
+        DeviceInputs::Queue {
+            query,
+            positive,
+            queue,
+        } => {
+            dims("positive", positive, query.cols())?;
+            if positive.rows() != query.rows() {
+                return Err(Error::shape(
+                    "positive",
+                    format!("[{}, {}]", positive.rows(), positive.cols()),
+                    format!("[{}, {}] (as query)", query.rows(), query.cols()),
+                ));
+            }
+            let cap = queue.keys.rows();
+            if queue.len > cap || (queue.len > 0 && queue.start >= cap) {
+                return Err(Error::shape(
+                    "queue",
+                    format!(
+                        "ring view start {} len {} of {cap} rows",
+                        queue.start, queue.len
+                    ),
+                    "start < capacity and len ≤ capacity",
+                ));
+            }
+            (
+                query,
+                queue.keys,
+                None,
+                queue.start,
+                queue.len,
+                SkipMode::None,
+            )
+        }
+        DeviceInputs::InBatch { embeddings } => {
+            if embeddings.rows() % 2 != 0 {
+                return Err(Error::shape(
+                    "embeddings",
+                    format!("[{}, {}]", embeddings.rows(), embeddings.cols()),
+                    "[2N, D] (an even number of rows)",
+                ));
+            }
+            (
+                embeddings,
+                embeddings,
+                None,
+                0,
+                embeddings.rows(),
+                SkipMode::InBatch,
+            )
+        }
+        DeviceInputs::Cross {
+            query,
+            key,
+            targets,
+        } => {
+            match targets {
+                Some(t) if t.len() < query.rows() => {
+                    return Err(Error::shape(
+                        "targets",
+                        format!("{} elements", t.len()),
+                        format!("{} (one per query row)", query.rows()),
+                    ))
+                }
+                None if key.rows() < query.rows() => {
+                    return Err(Error::shape(
+                        "key",
+                        format!("[{}, {}]", key.rows(), key.cols()),
+                        format!(
+                            "at least {} rows (identity targets need M ≥ N)",
+                            query.rows()
+                        ),
+                    ))
+                }
+                _ => {}
+            }
+            (query, key, targets, 0, key.rows(), SkipMode::Target)
+        }
+        DeviceInputs::Symmetric { query, key } => {
+            if key.rows() != query.rows() {
+                return Err(Error::shape(
+                    "key",
+                    format!("[{}, {}]", key.rows(), key.cols()),
+                    format!("[{}, {}] (as query)", query.rows(), query.cols()),
+                ));
+            }
+            let (a, b) = if columns { (key, query) } else { (query, key) };
+            (a, b, None, 0, b.rows(), SkipMode::Target)
+        }
+    };
+    dims("keys", keys, anchors.cols())?;
+    let cols = i32::try_from(anchors.cols())
+        .map_err(|_| Error::shape("anchors", format!("{} columns", anchors.cols()), "D < 2^31"))?;
+    if len > u32::MAX as usize - 1 {
+        return Err(Error::shape(
+            "keys",
+            format!("{len} negatives"),
+            "fewer than 2^32 − 1 negatives per anchor",
+        ));
+    }
+    Ok(PairSetArgs {
+        anchors,
+        keys,
+        targets,
+        n_anchors: anchors.rows() as i64,
+        capacity: keys.rows() as i64,
+        start: start as i64,
+        len: len as i64,
+        cols,
+        skip_mode: skip as i32,
+        normalize: normalize as i32,
+        null: 0,
+    })
+}
+
+/// Every ordered pair of distinct rows of `x`: anchor `i` against every row `j ≠ i` (the pairs of
+/// the uniformity metric).
+pub(crate) fn self_pairs<T: DeviceElement>(
+    x: &DeviceMatrix<T>,
+    normalize: bool,
+) -> Result<PairSetArgs<'_, T>> {
+    let cols = i32::try_from(x.cols())
+        .map_err(|_| Error::shape("x", format!("{} columns", x.cols()), "D < 2^31"))?;
+    Ok(PairSetArgs {
+        anchors: x,
+        keys: x,
+        targets: None,
+        n_anchors: x.rows() as i64,
+        capacity: x.rows() as i64,
+        start: 0,
+        len: x.rows() as i64,
+        cols,
+        skip_mode: SkipMode::Target as i32,
+        normalize: normalize as i32,
+        null: 0,
+    })
+}
+
+/// Grid and block of `select_kth_*` for `anchors` anchors: one block of [`SELECT_THREADS`]
+/// threads per anchor, static shared memory only (8 KiB of histogram, 33 KiB of warp tiles).
+pub(crate) fn select_dims(anchors: usize) -> Result<(Dim3, Dim3)> {
+    Ok((
+        (launch::grid_dim(KERNEL, anchors, 1)?, 1, 1),
+        (SELECT_THREADS, 1, 1),
+    ))
+}
+
+fn config(gpu: &Gpu, anchors: usize) -> Result<LaunchConfig> {
+    let (grid_dim, block_dim) = select_dims(anchors)?;
+    launch::checked(
+        gpu,
+        KERNEL,
+        LaunchConfig {
+            grid_dim,
+            block_dim,
+            shared_mem_bytes: 0,
+        },
+    )
+}
+
+/// The number of anchors [`hard_thresholds`] returns a threshold for: N (queue, cross,
+/// symmetric rows or columns) or 2N (inbatch).
+pub fn threshold_len<T: DeviceElement>(inputs: &DeviceInputs<'_, T>) -> usize {
+    match *inputs {
+        DeviceInputs::Queue { query, .. }
+        | DeviceInputs::Cross { query, .. }
+        | DeviceInputs::Symmetric { query, .. } => query.rows(),
+        DeviceInputs::InBatch { embeddings } => embeddings.rows(),
+    }
+}
+
+/// Writes the hard-k thresholds of one side of `inputs` into `out` (at least one f32 per anchor):
+/// `out[i] = s_(k)`, the k-th largest negative similarity of anchor `i` (`k ≥ 1`), or `−inf` when
+/// `k ≥ #negatives`. `columns` selects symmetric mode's column anchors (an error in other modes);
+/// `normalize` computes the similarities of the L2-normalised rows. Queued on `gpu`'s stream.
+///
+/// Negatives: queue, every row of the ring view; inbatch, every row but the anchor and its
+/// positive; cross, every key row but the target (`targets[i]`, or `i` without targets; device
+/// targets must lie in `[0, M)`, as for the fused kernels); symmetric rows, every key row but `i`;
+/// symmetric columns, every query row but `j`.
+///
+/// Errors: `k = 0`, `columns` outside symmetric mode, inconsistent shapes, `out` too short.
+pub fn hard_thresholds_into<T: DeviceElement>(
+    gpu: &Gpu,
+    inputs: &DeviceInputs<'_, T>,
+    normalize: bool,
+    k: usize,
+    columns: bool,
+    out: &mut CudaSlice<f32>,
+) -> Result<()> {
+    if k == 0 {
+        return Err(Error::parameter("k", k, "hard:k needs k ≥ 1"));
+    }
+    let p = pair_set(inputs, columns, normalize)?;
+    if out.len() < p.anchors() {
+        return Err(Error::shape(
+            "threshold",
+            format!("{} elements", out.len()),
+            format!("at least {} (one per anchor)", p.anchors()),
+        ));
+    }
+    if p.anchors() == 0 {
+        return Ok(());
+    }
+    let f = gpu.function(KERNEL, &format!("select_kth_{}", T::DTYPE.name()))?;
+    let cfg = config(gpu, p.anchors())?;
+    let k = i64::try_from(k).unwrap_or(i64::MAX);
+    let mut b = gpu.stream().launch_builder(&f);
+    p.push(&mut b);
+    b.arg(&k).arg(out);
+    // SAFETY: the kernel's signature is (PAIR_SET_PARAMS(T), int64_t k, float* threshold):
+    // const T* anchors (n_anchors × cols), const T* keys (capacity × cols), const int64_t*
+    // targets (nullptr, or n_anchors elements: checked in pair_set), int64_t n_anchors, capacity,
+    // start, len, int cols, skip_mode, normalize; the shapes and the ring view (start < capacity,
+    // len ≤ capacity) were checked in pair_set, and `out` holds n_anchors floats (checked above).
+    unsafe { b.launch(cfg) }?;
+    gpu.check_launch(KERNEL)
+}
+
+/// As [`hard_thresholds_into`], allocating the output ([`threshold_len`] values; one element
+/// when there are no anchors).
+pub fn hard_thresholds<T: DeviceElement>(
+    gpu: &Gpu,
+    inputs: &DeviceInputs<'_, T>,
+    normalize: bool,
+    k: usize,
+    columns: bool,
+) -> Result<CudaSlice<f32>> {
+    let mut out = gpu
+        .stream()
+        .alloc_zeros::<f32>(threshold_len(inputs).max(1))?;
+    hard_thresholds_into(gpu, inputs, normalize, k, columns, &mut out)?;
+    Ok(out)
+}
+
+/// The order-preserving u32 key of an f32 (the kernel's `orderable_key`): `a.total_cmp(b)` is
+/// `key(a).cmp(key(b))`.
+pub fn orderable_key(f: f32) -> u32 {
+    let u = f.to_bits();
+    if u & 0x8000_0000 != 0 {
+        !u
+    } else {
+        u | 0x8000_0000
+    }
+}
+
+/// The inverse of [`orderable_key`].
+pub fn key_to_f32(k: u32) -> f32 {
+    f32::from_bits(if k & 0x8000_0000 != 0 {
+        k & 0x7fff_ffff
+    } else {
+        !k
+    })
+}
+
+/// The kernel's digits: (shift, bits) per pass.
+const RADIX_DIGITS: [(u32, u32); 3] = [(21, 11), (10, 11), (0, 10)];
+
+/// The k-th largest of `values` (`1 ≤ k ≤ values.len()`) by the kernel's algorithm, step for
+/// step: three digit passes of histograms over the order-preserving keys that share the prefix
+/// fixed so far; then warp 0's pick: lane `l` sums bins `[l·per, (l+1)·per)`, an inclusive suffix
+/// sum over lanes finds the one lane whose range holds rank `k`, and that lane scans its bins from
+/// the top. `None` when k is out of range.
+pub fn radix_select_host(values: &[f32], k: usize) -> Option<f32> {
+    if k == 0 || k > values.len() {
+        return None;
+    }
+    let (mut prefix, mut mask, mut rank) = (0u32, 0u32, k as u64);
+    for (shift, bits) in RADIX_DIGITS {
+        let nbins = 1usize << bits;
+        let mut hist = vec![0u64; nbins];
+        for &v in values {
+            let key = orderable_key(v);
+            if key & mask == prefix {
+                hist[((key >> shift) as usize) & (nbins - 1)] += 1;
+            }
+        }
+        let per = nbins / 32;
+        let mine: Vec<u64> = (0..32)
+            .map(|l| hist[l * per..(l + 1) * per].iter().sum())
+            .collect();
+        let incl: Vec<u64> = (0..32).map(|l| mine[l..].iter().sum()).collect();
+        let lanes: Vec<usize> = (0..32)
+            .filter(|&l| incl[l] - mine[l] < rank && rank <= incl[l])
+            .collect();
+        let [lane] = lanes[..] else {
+            return None;
+        };
+        let mut cum = incl[lane] - mine[lane];
+        let mut digit = lane * per;
+        for b in (lane * per..(lane + 1) * per).rev() {
+            if cum + hist[b] >= rank {
+                digit = b;
+                break;
+            }
+            cum += hist[b];
+        }
+        prefix |= (digit as u32) << shift;
+        rank -= cum;
+        mask |= ((nbins - 1) as u32) << shift;
+    }
+    Some(key_to_f32(prefix))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn keys_order_as_total_cmp() {
+        let v = [
+            f32::from_bits(0xffc0_0000), // −NaN
+            f32::NEG_INFINITY,
+            -1.5,
+            -f32::MIN_POSITIVE,
+            -1e-45,
+            -0.0,
+            0.0,
+            1e-45,
+            0.25,
+            f32::MAX,
+            f32::INFINITY,
+            f32::NAN,
+        ];
+        for a in v {
+            assert_eq!(key_to_f32(orderable_key(a)).to_bits(), a.to_bits());
+            for b in v {
+                assert_eq!(
+                    orderable_key(a).cmp(&orderable_key(b)),
+                    a.total_cmp(&b),
+                    "{a} vs {b}"
+                );
+            }
+        }
+    }
+
+    fn kth_by_sort(v: &[f32], k: usize) -> f32 {
+        let mut s = v.to_vec();
+        s.sort_by(|a, b| b.total_cmp(a));
+        s[k - 1]
+    }
+
+    #[test]
+    fn radix_select_matches_sort_with_ties() {
+        let mut rng = StdRng::seed_from_u64(7);
+        for n in [1usize, 2, 3, 17, 300] {
+            let mut v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+            // Duplicates, signed zeros, neighbours one ulp apart, and a tie run.
+            if n > 10 {
+                v[1] = v[0];
+                v[2] = v[0];
+                v[3] = 0.0;
+                v[4] = -0.0;
+                v[5] = f32::from_bits(v[6].to_bits() + 1);
+                v[7] = -1.0;
+            }
+            for k in 1..=n {
+                let got = radix_select_host(&v, k).unwrap();
+                assert_eq!(got.to_bits(), kth_by_sort(&v, k).to_bits(), "n={n} k={k}");
+            }
+            assert_eq!(radix_select_host(&v, 0), None);
+            assert_eq!(radix_select_host(&v, n + 1), None);
+        }
+        // Keys that share their top 22 bits (one bin in the first two passes), with repeats.
+        let clustered: Vec<f32> = (0..700u32)
+            .map(|i| f32::from_bits(0x3f80_0000 + (i * 7) % 300))
+            .collect();
+        for k in [1, 2, 3, 50, 299, 300, 301, 699, 700] {
+            let got = radix_select_host(&clustered, k).unwrap();
+            assert_eq!(got.to_bits(), kth_by_sort(&clustered, k).to_bits(), "k={k}");
+        }
+        let with_nan = [0.1f32, f32::NAN, 0.3, f32::NEG_INFINITY];
+        assert!(radix_select_host(&with_nan, 1).unwrap().is_nan());
+        assert_eq!(radix_select_host(&with_nan, 2), Some(0.3));
+        assert_eq!(radix_select_host(&with_nan, 4), Some(f32::NEG_INFINITY));
+    }
+
+    #[test]
+    fn launch_dims() {
+        let (g, b) = select_dims(5).unwrap();
+        assert_eq!(g, (5, 1, 1));
+        assert_eq!(b, (SELECT_THREADS, 1, 1));
+        assert_eq!(select_dims(0).unwrap().0, (1, 1, 1));
+        assert!(select_dims(1usize << 40).is_err());
+        assert_eq!(SELECT_THREADS % 32, 0);
+    }
+}
