@@ -460,32 +460,91 @@ fn fused_loss_is_deterministic() {
     }
 }
 
+/// hard:k and HardSimple on the GPU (thresholds from `cuda::select`, then the fused kernels with
+/// the threshold hook) against the reference, in every mode (symmetric rows and columns select
+/// separately), for k = 1, a middle k and k ≥ #negatives (the standard loss).
 #[test]
-fn hard_k_is_unsupported_on_the_gpu() {
-    let Some(gpu) = gpu_or_skip("hard_k_is_unsupported_on_the_gpu") else {
+fn parity_hard_k() {
+    let Some(gpu) = gpu_or_skip("parity_hard_k") else {
         return;
     };
-    let spec = LossSpec::queue()
-        .variant(Variant::Hard { k: 4 })
-        .build()
+    let opts = DeviceOptions::default();
+    for (mi, mode) in [Mode::Queue, Mode::InBatch, Mode::Cross, Mode::Symmetric]
+        .into_iter()
+        .enumerate()
+    {
+        let dims = Dims { n: 9, k: 37, d: 19 };
+        for (vi, variant) in [
+            Variant::Hard { k: 1 },
+            Variant::Hard { k: 5 },
+            Variant::Hard { k: 100 },
+            Variant::Simple {
+                lambda: None,
+                hard_k: Some(4),
+            },
+            Variant::Simple {
+                lambda: Some(0.3),
+                hard_k: Some(2),
+            },
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            for normalize in [false, true] {
+                let spec = LossSpec::builder(mode)
+                    .temperature(0.1)
+                    .variant(variant)
+                    .normalize(normalize)
+                    .build()
+                    .unwrap();
+                let seed = 900 + 10 * mi as u64 + vi as u64;
+                parity::<f32>(&gpu, &spec, dims, seed, &opts);
+                parity::<bf16>(&gpu, &spec, dims, seed, &opts);
+            }
+        }
+    }
+}
+
+/// Ties at the threshold are all kept (spec): a queue whose rows repeat gives exactly tied
+/// similarities on both backends.
+#[test]
+fn parity_hard_k_ties() {
+    let Some(gpu) = gpu_or_skip("parity_hard_k_ties") else {
+        return;
+    };
+    let (n, k, d) = (5, 24, 7);
+    let mut rng = StdRng::seed_from_u64(77);
+    let q: Vec<f32> = rows(&mut rng, n, d);
+    let p: Vec<f32> = rows(&mut rng, n, d);
+    let distinct: Vec<f32> = rows(&mut rng, 6, d);
+    // Every distinct row four times: each similarity value appears four times per anchor.
+    let m: Vec<f32> = (0..k)
+        .flat_map(|j| distinct[(j % 6) * d..(j % 6 + 1) * d].to_vec())
+        .collect();
+    let inputs = LossInputs::Queue {
+        query: MatRef::new("query", &q, n, d).unwrap(),
+        positive: MatRef::new("positive", &p, n, d).unwrap(),
+        queue: MatRef::new("queue", &m, k, d).unwrap(),
+    };
+    for hk in [1, 3, 4, 5, 9] {
+        let spec = LossSpec::queue()
+            .temperature(0.2)
+            .variant(Variant::Hard { k: hk })
+            .grad_queue(true)
+            .build()
+            .unwrap();
+        let want = cpu::evaluate(&spec, &inputs, &Upstream::One).unwrap();
+        let got = evaluate_on(
+            &gpu,
+            &spec,
+            &inputs,
+            &Upstream::One,
+            &DeviceOptions::default(),
+            true,
+        )
         .unwrap();
-    let dims = Dims { n: 4, k: 16, d: 8 };
-    let data = Data::<f32>::new(Mode::Queue, dims, 3, false);
-    let e = evaluate_on(
-        &gpu,
-        &spec,
-        &data.inputs(Mode::Queue),
-        &Upstream::One,
-        &DeviceOptions::default(),
-        false,
-    )
-    .unwrap_err();
-    assert!(matches!(e, Error::Unsupported(_)), "{e}");
-    assert!(
-        e.to_string()
-            .contains("hard:k is not supported on the cuda backend yet"),
-        "{e}"
-    );
+        assert_close(&format!("ties hard:{hk}"), &got, &want, 1e-5);
+    }
 }
 
 #[test]

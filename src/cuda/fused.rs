@@ -12,7 +12,7 @@ use cudarc::driver::CudaSlice;
 
 use super::device::Gpu;
 use super::matrix::{DeviceElement, DeviceMatrix};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::loss::Upstream;
 use crate::spec::LossSpec;
 
@@ -161,9 +161,13 @@ pub struct DeviceOutput<T: DeviceElement> {
 ///
 /// Shapes are checked first (the rules of [`crate::LossInputs::validate`]; device `targets` are
 /// not read back and must be in range). [`KernelPath::Auto`] and [`KernelPath::Simple`] run the
-/// v1 kernels ([`super::kernels_v1`]); the other paths are provided elsewhere and return
-/// [`Error::Unsupported`] here. `hard:k` (and HardSimple) returns [`Error::Unsupported`] on this
-/// backend for now. Conventions of the outputs:
+/// v1 kernels ([`super::kernels_v1`]); [`KernelPath::TensorCore`] runs
+/// [`super::fast::evaluate_device_tc`] and [`KernelPath::Unfused`] the cuBLAS baseline
+/// [`super::unfused::evaluate_device_unfused`] (each an [`crate::Error::Unsupported`] for the specs it
+/// does not cover; the poisoning hook applies to the v1 kernels). `hard:k` (and HardSimple) first computes each anchor's threshold
+/// `s_(k)` with [`super::select::hard_thresholds`] (an exact radix select over the same f32
+/// similarities the loss kernels compute), then runs the standard (simple) kernels with it.
+/// Conventions of the outputs:
 /// - `loss`: one value (mean, sum) or the per-anchor losses (none; symmetric: N rows then N
 ///   columns, unhalved).
 /// - `lse`: N values (2N for inbatch); for the simple variant a one-element placeholder with no
@@ -203,12 +207,16 @@ pub(crate) fn dispatch<T: DeviceElement>(
     poison: bool,
 ) -> Result<DeviceOutput<T>> {
     match opts.path {
+        // Auto runs the v1 kernels: the tensor-core kernels become the default only once a GPU
+        // report shows them passing the parity grid (they have not run on a device yet).
         KernelPath::Auto | KernelPath::Simple => {
             super::kernels_v1::evaluate(gpu, spec, inputs, upstream, opts, poison)
         }
-        KernelPath::TensorCore | KernelPath::Unfused => Err(Error::Unsupported(format!(
-            "kernel path {:?} is not available in this build",
-            opts.path
-        ))),
+        KernelPath::TensorCore => {
+            super::fast::evaluate_device_tc(gpu, spec, inputs, upstream, opts)
+        }
+        KernelPath::Unfused => {
+            super::unfused::evaluate_device_unfused(gpu, spec, inputs, upstream, opts)
+        }
     }
 }

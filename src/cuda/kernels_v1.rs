@@ -19,7 +19,7 @@ use cudarc::driver::{
 };
 
 use super::device::Gpu;
-use super::fused::{DeviceGrad, DeviceInputs, DeviceOptions, DeviceOutput, GradDType};
+use super::fused::{DeviceGrad, DeviceInputs, DeviceOptions, DeviceOutput, GradDType, QueueView};
 use super::launch;
 use super::matrix::{DeviceElement, DeviceMatrix};
 use super::normalize::normalize_rows;
@@ -426,26 +426,17 @@ fn loss_params(spec: &LossSpec) -> Result<InfonceParams> {
             p.inv_tau = (1.0 / tau_min) as f32;
         }
     }
+    // hard:k and HardSimple run the standard and simple kernels with per-anchor similarity
+    // thresholds from `select::hard_thresholds` (see `evaluate`).
     match spec.variant() {
-        Variant::Standard => p.variant = VARIANT_STANDARD,
+        Variant::Standard | Variant::Hard { .. } => p.variant = VARIANT_STANDARD,
         Variant::Decoupled => p.variant = VARIANT_DECOUPLED,
-        Variant::Simple {
-            lambda,
-            hard_k: None,
-        } => {
+        Variant::Simple { lambda, .. } => {
             p.variant = VARIANT_SIMPLE;
             if let Some(l) = lambda {
                 p.has_lambda = 1;
                 p.lambda = l as f32;
             }
-        }
-        Variant::Hard { .. }
-        | Variant::Simple {
-            hard_k: Some(_), ..
-        } => {
-            return Err(Error::Unsupported(
-                "hard:k is not supported on the cuda backend yet".into(),
-            ))
         }
     }
     Ok(p)
@@ -723,6 +714,43 @@ pub(crate) fn evaluate<T: DeviceElement>(
         .map(|(r, n)| n.as_ref().map_or(r.slice(), |(u, _)| u.slice()))
         .collect();
 
+    // hard:k (Wang & Liu eq. 9): per-anchor thresholds s_(k) over the rows the kernels read (the
+    // normalised copies when normalising), computed by the radix select with the same f32
+    // similarities as the fused kernels; symmetric rows and columns select separately.
+    let thresholds: Vec<CudaSlice<f32>> = match spec.variant().hard_k() {
+        None => Vec::new(),
+        Some(k) => {
+            let m =
+                |i: usize| -> &DeviceMatrix<T> { normed[i].as_ref().map_or(raws[i], |(u, _)| u) };
+            let sel = match *inputs {
+                DeviceInputs::Queue { queue, .. } => DeviceInputs::Queue {
+                    query: m(0),
+                    positive: m(1),
+                    queue: QueueView {
+                        keys: m(2),
+                        start: queue.start,
+                        len: queue.len,
+                    },
+                },
+                DeviceInputs::InBatch { .. } => DeviceInputs::InBatch { embeddings: m(0) },
+                DeviceInputs::Cross { targets, .. } => DeviceInputs::Cross {
+                    query: m(0),
+                    key: m(1),
+                    targets,
+                },
+                DeviceInputs::Symmetric { .. } => DeviceInputs::Symmetric {
+                    query: m(0),
+                    key: m(1),
+                },
+            };
+            let mut t = vec![super::select::hard_thresholds(gpu, &sel, false, k, false)?];
+            if mode == Mode::Symmetric {
+                t.push(super::select::hard_thresholds(gpu, &sel, false, k, true)?);
+            }
+            t
+        }
+    };
+
     // Gradient accumulators (f32, zeroed) and what becomes of them.
     let names: Vec<&'static str> = match mode {
         Mode::Queue => vec!["query", "positive", "queue"],
@@ -805,7 +833,7 @@ pub(crate) fn evaluate<T: DeviceElement>(
             targets: None,
             pos_kind: POS_NONE,
             self_skip: false,
-            s_threshold: None,
+            s_threshold: thresholds.first(),
             offset: 0,
             grad_x: Some(0),
             grad_y: spec.grad_queue().then_some(2),
@@ -822,7 +850,7 @@ pub(crate) fn evaluate<T: DeviceElement>(
             targets: None,
             pos_kind: POS_PAIR,
             self_skip: true,
-            s_threshold: None,
+            s_threshold: thresholds.first(),
             offset: 0,
             grad_x: Some(0),
             grad_y: Some(0),
@@ -839,7 +867,7 @@ pub(crate) fn evaluate<T: DeviceElement>(
             targets,
             pos_kind: POS_TARGET,
             self_skip: false,
-            s_threshold: None,
+            s_threshold: thresholds.first(),
             offset: 0,
             grad_x: Some(0),
             grad_y: Some(1),
@@ -857,7 +885,7 @@ pub(crate) fn evaluate<T: DeviceElement>(
                 targets: None,
                 pos_kind: POS_TARGET,
                 self_skip: false,
-                s_threshold: None,
+                s_threshold: thresholds.get(usize::from(offset != 0)),
                 offset,
                 grad_x: Some(x),
                 grad_y: Some(y),
@@ -992,15 +1020,12 @@ mod tests {
     }
 
     #[test]
-    fn hard_k_is_unsupported_with_a_clear_message() {
+    fn hard_k_runs_the_standard_and_simple_kernels_with_thresholds() {
         let spec = LossSpec::queue()
             .variant(Variant::Hard { k: 4 })
             .build()
             .unwrap();
-        let e = loss_params(&spec).unwrap_err();
-        assert!(e
-            .to_string()
-            .contains("hard:k is not supported on the cuda backend yet"));
+        assert_eq!(loss_params(&spec).unwrap().variant, VARIANT_STANDARD);
         let spec = LossSpec::queue()
             .variant(Variant::Simple {
                 lambda: None,
@@ -1008,7 +1033,8 @@ mod tests {
             })
             .build()
             .unwrap();
-        assert!(matches!(loss_params(&spec), Err(Error::Unsupported(_))));
+        let p = loss_params(&spec).unwrap();
+        assert_eq!((p.variant, p.has_lambda), (VARIANT_SIMPLE, 0));
     }
 
     #[test]
