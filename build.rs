@@ -11,6 +11,11 @@
 //!   `DOCS_RS` skips compilation.
 //!
 //! The generated `OUT_DIR/kernels.rs` holds the embedded modules and what they were built with.
+//!
+//! Compiled fatbins are cached under `<target dir>/kernel-cache/`, keyed by a hash of the nvcc
+//! version, the flags and every file in `kernels/`: `cargo clippy`, `cargo build` and
+//! `cargo test` (different profiles, different `OUT_DIR`s) then compile each kernel once.
+//! `FUSED_INFONCE_NO_KERNEL_CACHE=1` turns the cache off.
 
 use std::env;
 use std::fmt::Write as _;
@@ -28,6 +33,7 @@ const ENV_VARS: &[&str] = &[
     "FUSED_INFONCE_CUDA_ARCHS",
     "FUSED_INFONCE_REQUIRE_NVCC",
     "DOCS_RS",
+    "FUSED_INFONCE_NO_KERNEL_CACHE",
 ];
 
 struct Built {
@@ -102,6 +108,8 @@ fn main() {
         Err(e) => fail(&format!("FUSED_INFONCE_CUDA_ARCHS: {e}")),
     };
 
+    let cache = kernel_cache(&out, &sources, &version, &gencode);
+
     // Compile every file in parallel, each on its own thread (nvcc itself is single-threaded per
     // target here; `--threads` parallelises the targets within one file).
     let results: Vec<Result<(Built, String), String>> = std::thread::scope(|s| {
@@ -109,7 +117,8 @@ fn main() {
             .iter()
             .map(|src| {
                 let (nvcc, out, gencode, inc) = (&nvcc, &out, &gencode, &kernels_dir);
-                s.spawn(move || compile(nvcc, src, out, gencode, inc))
+                let cache = cache.as_deref();
+                s.spawn(move || compile_cached(nvcc, src, out, gencode, inc, cache))
             })
             .collect();
         handles
@@ -184,6 +193,98 @@ fn gencode_flags(archs: &[String]) -> Result<Vec<String>, String> {
     Ok(flags)
 }
 
+/// `<target dir>/kernel-cache/<key>`: the key hashes (FNV-1a) the nvcc version, the flags and the
+/// name and contents of every file in kernels/ (headers included). `None` when turned off.
+fn kernel_cache(
+    out: &Path,
+    sources: &[PathBuf],
+    version: &str,
+    gencode: &[String],
+) -> Option<PathBuf> {
+    if env::var("FUSED_INFONCE_NO_KERNEL_CACHE").is_ok_and(|v| v == "1" || v == "true") {
+        return None;
+    }
+    // OUT_DIR is <target>/[<triple>/]<profile>/build/<pkg>-<hash>/out.
+    let target = out.ancestors().nth(4)?;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for &b in bytes.iter().chain(&[0xffu8]) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    eat(version.as_bytes());
+    eat(format!("{:?}", COMMON_FLAGS).as_bytes());
+    for g in gencode {
+        eat(g.as_bytes());
+    }
+    for p in sources {
+        eat(p.file_name()?.to_string_lossy().as_bytes());
+        eat(&fs::read(p).ok()?);
+    }
+    Some(target.join("kernel-cache").join(format!("{h:016x}")))
+}
+
+/// [`compile`] through the cache: a hit copies the cached fatbin and ptxas log; a miss compiles
+/// and stores them (written under a temporary name, then renamed, so concurrent builds are safe).
+fn compile_cached(
+    nvcc: &Path,
+    src: &Path,
+    out: &Path,
+    gencode: &[String],
+    include: &Path,
+    cache: Option<&Path>,
+) -> Result<(Built, String), String> {
+    let Some(dir) = cache else {
+        return compile(nvcc, src, out, gencode, include);
+    };
+    let name = src
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .ok_or_else(|| format!("bad kernel file name {}", src.display()))?
+        .to_string();
+    let (cached_bin, cached_log) = (
+        dir.join(format!("{name}.fatbin")),
+        dir.join(format!("{name}.log")),
+    );
+    let fatbin = out.join(format!("{name}.fatbin"));
+    if let (Ok(log), true) = (fs::read_to_string(&cached_log), cached_bin.is_file()) {
+        if fs::copy(&cached_bin, &fatbin).is_ok() {
+            return Ok((Built { name, fatbin }, log));
+        }
+    }
+    let (built, log) = compile(nvcc, src, out, gencode, include)?;
+    if fs::create_dir_all(dir).is_ok() {
+        let tag = std::process::id();
+        let (tb, tl) = (
+            dir.join(format!("{name}.fatbin.{tag}")),
+            dir.join(format!("{name}.log.{tag}")),
+        );
+        // The log goes in last: a cache entry counts only when both files are there.
+        if fs::copy(&built.fatbin, &tb).is_ok()
+            && fs::rename(&tb, &cached_bin).is_ok()
+            && fs::write(&tl, &log).is_ok()
+        {
+            let _ = fs::rename(&tl, &cached_log);
+        }
+    }
+    Ok((built, log))
+}
+
+/// The nvcc flags every kernel is compiled with (besides `-gencode`, `-I` and `-o`).
+const COMMON_FLAGS: &[&str] = &[
+    "-fatbin",
+    "-O3",
+    "-lineinfo",
+    "-std=c++17",
+    "-Werror",
+    "all-warnings",
+    "-Xptxas",
+    "-v,-warn-spills,-warn-lmem-usage",
+    "--threads",
+    "0",
+];
+
 fn compile(
     nvcc: &Path,
     src: &Path,
@@ -198,11 +299,7 @@ fn compile(
         .to_string();
     let fatbin = out.join(format!("{name}.fatbin"));
     let output = Command::new(nvcc)
-        .arg("-fatbin")
-        .args(["-O3", "-lineinfo", "-std=c++17"])
-        .args(["-Werror", "all-warnings"])
-        .args(["-Xptxas", "-v,-warn-spills,-warn-lmem-usage"])
-        .args(["--threads", "0"])
+        .args(COMMON_FLAGS)
         .arg("-I")
         .arg(include)
         .args(gencode)
