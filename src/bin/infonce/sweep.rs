@@ -12,6 +12,7 @@
 mod plot;
 
 use fused_infonce::data::{stack, two_views, Clustered};
+use fused_infonce::io::{write_atomic, TensorFile};
 use fused_infonce::metrics::{self, NegativeSimilarities, Negatives, PenaltyHistogram};
 use fused_infonce::train::{self, temperature_label, Backend, TrainConfig, TrainMode, TrainResult};
 use fused_infonce::{
@@ -207,119 +208,37 @@ fn kind_fields(t: &Temperature) -> (&'static str, Option<f64>, Option<f64>, Opti
     }
 }
 
-/// Reads one tensor as an f64 matrix (f32, f16, bf16 or f64; 2-D, or 1-D as one column).
-fn read_matrix(
-    st: &safetensors::SafeTensors<'_>,
-    name: &'static str,
-    file: &Path,
-) -> Result<Option<Matrix>> {
-    let view = match st.tensor(name) {
-        Ok(v) => v,
-        Err(_) => return Ok(None),
-    };
-    let shape = view.shape().to_vec();
-    let (rows, cols) = match shape.as_slice() {
-        [r, c] => (*r, *c),
-        _ => {
-            return Err(Error::shape(
-                name,
-                format!("{shape:?}"),
-                "a 2-D tensor [rows, D]",
-            ))
-        }
-    };
-    let bytes = view.data();
-    use safetensors::Dtype;
-    let data: Vec<f64> = match view.dtype() {
-        Dtype::F32 => bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64)
-            .collect(),
-        Dtype::F64 => bytes
-            .chunks_exact(8)
-            .map(|b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
-            .collect(),
-        Dtype::F16 => bytes
-            .chunks_exact(2)
-            .map(|b| fused_infonce::f16::from_le_bytes([b[0], b[1]]).to_f64())
-            .collect(),
-        Dtype::BF16 => bytes
-            .chunks_exact(2)
-            .map(|b| fused_infonce::bf16::from_le_bytes([b[0], b[1]]).to_f64())
-            .collect(),
-        other => {
-            return Err(Error::Input(format!(
-                "{}: tensor `{name}` has dtype {other:?}; expected f32, f16, bf16 or f64",
-                file.display()
-            )))
-        }
-    };
-    if data.len() != rows * cols {
-        return Err(Error::Input(format!(
-            "{}: tensor `{name}` has {} elements for shape {shape:?}",
-            file.display(),
-            data.len()
-        )));
+/// The tensor `name` as an f64 matrix (2-D; stored as f32, f16, bf16 or f64), `None` when the
+/// file has no such tensor; its values must be finite.
+fn read_matrix(file: &TensorFile, name: &'static str) -> Result<Option<Matrix>> {
+    if !file.contains(name) {
+        return Ok(None);
     }
-    let m = Matrix { rows, cols, data };
-    if let Some(idx) = m.data.iter().position(|x| !x.is_finite()) {
-        return Err(Error::NonFinite {
-            tensor: name.into(),
-            row: idx / cols.max(1),
-            col: idx % cols.max(1),
-            value: m.data[idx],
-        });
-    }
-    Ok(Some(m))
+    let m = file.matrix_f64(name)?;
+    m.view()?.check_finite()?;
+    Ok(Some(m.into()))
 }
 
-fn read_labels(st: &safetensors::SafeTensors<'_>, file: &Path) -> Result<Vec<i64>> {
-    let view = st.tensor("labels").map_err(|_| {
-        Error::Input(format!(
+/// The integer `labels` tensor (i64, i32 or u8; 1-D) that `--labels` asks for.
+fn read_labels(file: &TensorFile) -> Result<Vec<i64>> {
+    if !file.contains("labels") {
+        return Err(Error::Input(format!(
             "{}: --labels given but the file has no `labels` tensor",
-            file.display()
-        ))
-    })?;
-    if view.shape().len() != 1 {
-        return Err(Error::shape(
-            "labels",
-            format!("{:?}", view.shape()),
-            "a 1-D integer tensor (one label per sample)",
-        ));
+            file.source()
+        )));
     }
-    let b = view.data();
-    use safetensors::Dtype;
-    Ok(match view.dtype() {
-        Dtype::I64 => b
-            .chunks_exact(8)
-            .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-            .collect(),
-        Dtype::I32 => b
-            .chunks_exact(4)
-            .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64)
-            .collect(),
-        Dtype::U8 => b.iter().map(|&c| c as i64).collect(),
-        other => {
-            return Err(Error::Input(format!(
-                "{}: tensor `labels` has dtype {other:?}; expected i64, i32 or u8",
-                file.display()
-            )))
-        }
-    })
+    file.integers("labels")
 }
 
 fn load_input(path: &Path, want_labels: bool) -> Result<Fixed> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| Error::Input(format!("cannot read {}: {e}", path.display())))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| Error::Input(format!("{}: not a safetensors file: {e}", path.display())))?;
+    let file = TensorFile::read(path)?;
     let labels = if want_labels {
-        Some(read_labels(&st, path)?)
+        Some(read_labels(&file)?)
     } else {
         None
     };
-    let name = path.display().to_string();
-    if let Some(e) = read_matrix(&st, "embeddings", path)? {
+    let name = file.source();
+    if let Some(e) = read_matrix(&file, "embeddings")? {
         let labels = match labels {
             Some(l) if l.len() * 2 == e.rows => Some(l.iter().chain(&l).copied().collect()),
             Some(l) if l.len() == e.rows => Some(l),
@@ -343,8 +262,8 @@ fn load_input(path: &Path, want_labels: bool) -> Result<Fixed> {
             labels,
         });
     }
-    let q = read_matrix(&st, "query", path)?;
-    let p = read_matrix(&st, "positive", path)?;
+    let q = read_matrix(&file, "query")?;
+    let p = read_matrix(&file, "positive")?;
     let (q, p) = match (q, p) {
         (Some(q), Some(p)) => (q, p),
         _ => {
@@ -363,7 +282,7 @@ fn load_input(path: &Path, want_labels: bool) -> Result<Fixed> {
             ));
         }
     }
-    match read_matrix(&st, "queue", path)? {
+    match read_matrix(&file, "queue")? {
         Some(m) => Ok(Fixed {
             description: format!(
                 "{name}: query {}×{}, queue {}×{}",
@@ -662,24 +581,6 @@ fn print_train(report: &TrainReport) {
             );
         }
     }
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
-    let tmp = match dir {
-        Some(d) => d.join(format!(
-            ".{}.tmp",
-            path.file_name().and_then(|n| n.to_str()).unwrap_or("out")
-        )),
-        None => PathBuf::from(format!(
-            ".{}.tmp",
-            path.file_name().and_then(|n| n.to_str()).unwrap_or("out")
-        )),
-    };
-    std::fs::write(&tmp, bytes)
-        .map_err(|e| Error::Input(format!("cannot write {}: {e}", path.display())))?;
-    std::fs::rename(&tmp, path)
-        .map_err(|e| Error::Input(format!("cannot write {}: {e}", path.display())))
 }
 
 struct Sweep<'a> {
