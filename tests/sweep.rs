@@ -294,7 +294,7 @@ fn sweep_errors_are_one_line() {
         assert!(!out.status.success(), "{case:?} succeeded");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(
-            err.starts_with("error: ") && err.trim().lines().count() == 1,
+            err.starts_with("infonce: error: ") && err.trim().lines().count() == 1,
             "{case:?}: {err}"
         );
     }
@@ -311,7 +311,7 @@ fn sweep_cuda_backend_without_a_gpu_is_a_clear_error() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.starts_with("error: ") && err.trim().lines().count() == 1,
+        err.starts_with("infonce: error: ") && err.trim().lines().count() == 1,
         "{err}"
     );
 }
