@@ -11,7 +11,7 @@
 
 mod plot;
 
-use fused_infonce::data::{stack, two_views, Clustered};
+use fused_infonce::data::{stack, two_views, unstack, Clustered};
 use fused_infonce::io::{write_atomic, TensorFile};
 use fused_infonce::metrics::{self, NegativeSimilarities, Negatives, PenaltyHistogram};
 use fused_infonce::train::{self, temperature_label, Backend, TrainConfig, TrainMode, TrainResult};
@@ -353,17 +353,7 @@ fn gradient_picture(
     let (anchors, pairs_u, pairs_v, neg) = match fixed.mode {
         "inbatch" => {
             let e = &norm[0];
-            let n = e.rows / 2;
-            let u = Matrix {
-                rows: n,
-                cols: e.cols,
-                data: e.data[..n * e.cols].to_vec(),
-            };
-            let v = Matrix {
-                rows: n,
-                cols: e.cols,
-                data: e.data[n * e.cols..].to_vec(),
-            };
+            let (u, v) = unstack(e);
             let neg = NegativeSimilarities::new(Negatives::InBatch { embeddings: e })?;
             (e.clone(), u, v, neg)
         }
