@@ -195,6 +195,16 @@ impl TensorFile {
         self.tensors.keys().map(String::as_str)
     }
 
+    /// The names of every tensor, sorted and comma-separated (`no tensors` for an empty file), for
+    /// error messages.
+    pub fn names_list(&self) -> String {
+        if self.tensors.is_empty() {
+            "no tensors".to_string()
+        } else {
+            self.names().collect::<Vec<_>>().join(", ")
+        }
+    }
+
     /// Whether the file has a tensor called `name`.
     pub fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
@@ -207,15 +217,10 @@ impl TensorFile {
 
     fn get(&self, name: &str) -> Result<&RawTensor> {
         self.tensors.get(name).ok_or_else(|| {
-            let present: Vec<&str> = self.names().collect();
             Error::Input(format!(
                 "missing tensor `{name}` in {} (it has: {})",
                 self.source,
-                if present.is_empty() {
-                    "no tensors".to_string()
-                } else {
-                    present.join(", ")
-                }
+                self.names_list()
             ))
         })
     }
