@@ -99,14 +99,40 @@ struct Fixed {
     labels: Option<Vec<i64>>,
 }
 
-/// One temperature's gradient picture (part 1).
+/// Which temperature a row is for: the JSON fields `label`, `kind` (`fixed` or `dystress`) and
+/// `tau` (fixed) or `tau_min` and `tau_max` (DySTreSS), the others null.
 #[derive(Debug, Clone, serde::Serialize)]
-struct PictureRow {
+struct TemperatureFields {
     label: String,
     kind: &'static str,
     tau: Option<f64>,
     tau_min: Option<f64>,
     tau_max: Option<f64>,
+}
+
+impl TemperatureFields {
+    fn of(t: &Temperature) -> Self {
+        let (kind, tau, tau_min, tau_max) = match *t {
+            Temperature::Fixed(x) | Temperature::Learnable(x) => ("fixed", Some(x), None, None),
+            Temperature::Dystress {
+                tau_min, tau_max, ..
+            } => ("dystress", None, Some(tau_min), Some(tau_max)),
+        };
+        Self {
+            label: temperature_label(t),
+            kind,
+            tau,
+            tau_min,
+            tau_max,
+        }
+    }
+}
+
+/// One temperature's gradient picture (part 1).
+#[derive(Debug, Clone, serde::Serialize)]
+struct PictureRow {
+    #[serde(flatten)]
+    temperature: TemperatureFields,
     loss: f64,
     effective_negatives: f64,
     gradient_norm: f64,
@@ -116,11 +142,8 @@ struct PictureRow {
 
 #[derive(Debug, serde::Serialize)]
 struct TrainRow {
-    label: String,
-    kind: &'static str,
-    tau: Option<f64>,
-    tau_min: Option<f64>,
-    tau_max: Option<f64>,
+    #[serde(flatten)]
+    temperature: TemperatureFields,
     #[serde(flatten)]
     result: TrainResult,
 }
@@ -197,15 +220,6 @@ fn schemes(args: &Args) -> Result<Vec<Temperature>> {
         ));
     }
     Ok(out)
-}
-
-fn kind_fields(t: &Temperature) -> (&'static str, Option<f64>, Option<f64>, Option<f64>) {
-    match *t {
-        Temperature::Fixed(x) | Temperature::Learnable(x) => ("fixed", Some(x), None, None),
-        Temperature::Dystress {
-            tau_min, tau_max, ..
-        } => ("dystress", None, Some(tau_min), Some(tau_max)),
-    }
 }
 
 /// The tensor `name` as an f64 matrix (2-D; stored as f32, f16, bf16 or f64), `None` when the
@@ -406,13 +420,8 @@ fn gradient_picture(
         };
         let out = backend.evaluate(&spec, &inputs, &Upstream::One)?;
         let hist: PenaltyHistogram = metrics::penalty_histogram(&neg, t, args.bins)?;
-        let (kind, tau, tau_min, tau_max) = kind_fields(t);
         rows.push(PictureRow {
-            label: temperature_label(t),
-            kind,
-            tau,
-            tau_min,
-            tau_max,
+            temperature: TemperatureFields::of(t),
             loss: out.loss.scalar().unwrap_or(f64::NAN),
             effective_negatives: metrics::effective_negatives(&neg, t)?,
             gradient_norm: metrics::gradient_norm(&out),
@@ -491,10 +500,15 @@ fn print_picture(fixed: &Fixed, pic: &Picture, threshold: f64, negatives: usize)
             .unwrap_or(f64::NAN);
         println!(
             "  {:<18} {:>9.4} {:>10.1} {:>10.4} {:>11.3} {:>12.2}",
-            r.label, r.loss, r.effective_negatives, r.gradient_norm, r.share_above_threshold, peak
+            r.temperature.label,
+            r.loss,
+            r.effective_negatives,
+            r.gradient_norm,
+            r.share_above_threshold,
+            peak
         );
     }
-    let f = fixed_by_falling_tau(&pic.rows, |r| r.tau);
+    let f = fixed_by_falling_tau(&pic.rows, |r| r.temperature.tau);
     if let (Some(hi), Some(lo)) = (f.first(), f.last()) {
         if f.len() > 1 {
             println!(
@@ -544,7 +558,7 @@ fn print_train(report: &TrainReport) {
         let a = &r.result.after;
         println!(
             "  {:<18} {:>11.4} {:>10.4} {:>11.4} {:>10.4} {:>10.4} {:>9.3}",
-            r.label,
+            r.temperature.label,
             r.result.loss_before,
             r.result.loss_after,
             a.uniformity,
@@ -553,7 +567,7 @@ fn print_train(report: &TrainReport) {
             a.knn_accuracy
         );
     }
-    let f = fixed_by_falling_tau(&report.results, |r| r.tau);
+    let f = fixed_by_falling_tau(&report.results, |r| r.temperature.tau);
     if let (Some(hi), Some(lo)) = (f.first(), f.last()) {
         if f.len() > 1 {
             let tol: Vec<f64> = f.iter().map(|r| r.1.result.after.tolerance).collect();
@@ -630,16 +644,11 @@ impl Sweep<'_> {
             };
             let mut results = Vec::new();
             for t in &temps {
-                let label = temperature_label(t);
-                bar.set_message(format!("train τ = {label}"));
+                let temperature = TemperatureFields::of(t);
+                bar.set_message(format!("train τ = {}", temperature.label));
                 let r = train::train(&cfg, *t, &mut |_| bar.inc(1))?;
-                let (kind, tau, tau_min, tau_max) = kind_fields(t);
                 results.push(TrainRow {
-                    label,
-                    kind,
-                    tau,
-                    tau_min,
-                    tau_max,
+                    temperature,
                     result: r,
                 });
             }
