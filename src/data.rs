@@ -165,3 +165,15 @@ pub fn stack(a: &Matrix, b: &Matrix) -> Result<Matrix> {
         data,
     })
 }
+
+/// The inverse of [`stack`]: the top and bottom halves (N×D each) of a 2N×D in-batch matrix.
+/// With an odd number of rows the last row is in neither half (callers check the in-batch layout).
+pub fn unstack(e: &Matrix) -> (Matrix, Matrix) {
+    let n = e.rows / 2;
+    let half = |rows: std::ops::Range<usize>| Matrix {
+        rows: n,
+        cols: e.cols,
+        data: e.data[rows.start * e.cols..rows.end * e.cols].to_vec(),
+    };
+    (half(0..n), half(n..2 * n))
+}

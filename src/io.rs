@@ -3,14 +3,16 @@
 //!
 //! [`TensorFile`] reads a whole safetensors file (as written by PyTorch's
 //! `safetensors.torch.save_file`) and hands out its tensors typed and checked: input matrices
-//! (2-D, f32, f16 or bf16, or f64 for the CPU reference) with [`TensorFile::matrix`], integer
-//! targets (1-D, i64 or i32) with [`TensorFile::targets`], and the upstream gradient (f32, a scalar
-//! or one weight per anchor) with [`TensorFile::upstream`]. Tensors that are never asked for are
+//! (2-D, f32, f16 or bf16, or f64 for the CPU reference) with [`TensorFile::matrix`] in their
+//! stored type or [`TensorFile::matrix_f64`] widened to f64, integer vectors (1-D, i64, i32 or u8)
+//! with [`TensorFile::integers`] and targets (i64 or i32) with [`TensorFile::targets`], and the
+//! upstream gradient (f32, a scalar or one weight per anchor) with [`TensorFile::upstream`]. Tensors that are never asked for are
 //! never interpreted, so a file may carry anything else besides (e.g. expected outputs in f64).
 //!
-//! [`write_f32`] writes results atomically: the bytes go to a temporary file in the destination's
-//! directory, which is then renamed over the destination; on any error the temporary file is
-//! removed and no output file appears. [`output_tensors`] names the parts of a [`LossOutput`] as
+//! [`write_f32`] writes results atomically through [`write_atomic`] (which writes any bytes, e.g.
+//! a JSON report): the bytes go to a temporary file in the destination's directory, which is then
+//! renamed over the destination; on any error the temporary file is removed and no output file
+//! appears. [`output_tensors`] names the parts of a [`LossOutput`] as
 //! `infonce eval` writes them (`loss`, `lse`, `grad_<input>`, …).
 //!
 //! Every error names the file or the tensor at fault, in one line.
@@ -34,7 +36,7 @@
 
 use crate::error::{Error, Result};
 use crate::loss::{LossOutput, LossValue, Upstream};
-use crate::tensor::{DType, Element, MatRef};
+use crate::tensor::{DType, Element, MatRef, Matrix};
 use safetensors::{Dtype, SafeTensors};
 use std::collections::BTreeMap;
 use std::fs;
@@ -86,6 +88,33 @@ impl<T: Element> OwnedMatrix<T> {
     pub fn view(&self) -> Result<MatRef<'_, T>> {
         MatRef::new(self.name, &self.data, self.rows, self.cols)
     }
+    /// The same matrix widened to f64 (exact for every element type).
+    pub fn widen(self) -> OwnedMatrix<f64> {
+        OwnedMatrix {
+            name: self.name,
+            data: self.data.into_iter().map(Element::to_f64).collect(),
+            rows: self.rows,
+            cols: self.cols,
+        }
+    }
+}
+
+impl From<OwnedMatrix<f64>> for Matrix {
+    fn from(m: OwnedMatrix<f64>) -> Self {
+        Matrix {
+            rows: m.rows,
+            cols: m.cols,
+            data: m.data,
+        }
+    }
+}
+
+/// The integers of a little-endian `T` array, widened to i64.
+fn widen_integers<T: bytemuck::Pod + Into<i64>>(bytes: &[u8]) -> Vec<i64> {
+    bytes
+        .chunks_exact(std::mem::size_of::<T>())
+        .map(|b| bytemuck::pod_read_unaligned::<T>(b).into())
+        .collect()
 }
 
 /// The crate's [`DType`] of a stored safetensors dtype, if it is a floating-point type the crate
@@ -166,6 +195,16 @@ impl TensorFile {
         self.tensors.keys().map(String::as_str)
     }
 
+    /// The names of every tensor, sorted and comma-separated (`no tensors` for an empty file), for
+    /// error messages.
+    pub fn names_list(&self) -> String {
+        if self.tensors.is_empty() {
+            "no tensors".to_string()
+        } else {
+            self.names().collect::<Vec<_>>().join(", ")
+        }
+    }
+
     /// Whether the file has a tensor called `name`.
     pub fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
@@ -178,15 +217,10 @@ impl TensorFile {
 
     fn get(&self, name: &str) -> Result<&RawTensor> {
         self.tensors.get(name).ok_or_else(|| {
-            let present: Vec<&str> = self.names().collect();
             Error::Input(format!(
                 "missing tensor `{name}` in {} (it has: {})",
                 self.source,
-                if present.is_empty() {
-                    "no tensors".to_string()
-                } else {
-                    present.join(", ")
-                }
+                self.names_list()
             ))
         })
     }
@@ -199,7 +233,8 @@ impl TensorFile {
         let t = self.get(name)?;
         float_dtype(t.dtype).ok_or_else(|| {
             Error::Input(format!(
-                "tensor `{name}` has dtype {}, which cannot be read as embeddings (expected f32, f16 or bf16)",
+                "tensor `{name}` in {} has dtype {}, which cannot be read as embeddings (expected f32, f16, bf16 or f64)",
+                self.source,
                 dtype_name(t.dtype)
             ))
         })
@@ -214,7 +249,8 @@ impl TensorFile {
         let dt = self.float_dtype(name)?;
         if dt != T::DTYPE {
             return Err(Error::Input(format!(
-                "tensor `{name}` has dtype {dt}, expected {}",
+                "tensor `{name}` in {} has dtype {dt}, expected {}",
+                self.source,
                 T::DTYPE
             )));
         }
@@ -247,34 +283,81 @@ impl TensorFile {
         })
     }
 
-    /// The 1-D integer tensor `name` (stored as i64 or i32), widened to i64.
+    /// The 2-D floating-point tensor `name` (stored as f32, f16, bf16 or f64), widened to f64.
+    ///
+    /// Errors: as [`TensorFile::matrix`], and [`Error::Input`] for a non-float dtype.
+    pub fn matrix_f64(&self, name: &'static str) -> Result<OwnedMatrix<f64>> {
+        Ok(match self.float_dtype(name)? {
+            DType::F32 => self.matrix::<f32>(name)?.widen(),
+            DType::F16 => self.matrix::<half::f16>(name)?.widen(),
+            DType::BF16 => self.matrix::<half::bf16>(name)?.widen(),
+            DType::F64 => self.matrix::<f64>(name)?,
+        })
+    }
+
+    /// The 1-D integer tensor `name` (stored as i64, i32 or u8), widened to i64: class labels,
+    /// indices.
+    ///
+    /// Errors: [`Error::Input`] when it is missing or of another dtype; [`Error::Shape`] when it is
+    /// not 1-D.
+    pub fn integers(&self, name: &str) -> Result<Vec<i64>> {
+        self.integers_of(
+            name,
+            &[Dtype::I64, Dtype::I32, Dtype::U8],
+            "a 1-D integer vector [N]",
+        )
+    }
+
+    /// The 1-D target tensor `name` of cross mode (stored as i64 or i32), widened to i64: read as
+    /// [`TensorFile::integers`], but u8 is refused.
     ///
     /// Errors: [`Error::Input`] when it is missing or of another dtype; [`Error::Shape`] when it is
     /// not 1-D. Index ranges are checked later, against the problem ([`crate::LossInputs::validate`]).
     pub fn targets(&self, name: &str) -> Result<Vec<i64>> {
+        self.integers_of(
+            name,
+            &[Dtype::I64, Dtype::I32],
+            "a 1-D vector [N] of class indices",
+        )
+    }
+
+    /// The 1-D tensor `name` stored as one of `accepted` (a subset of i64, i32, u8), widened to
+    /// i64; `expected_shape` describes the shape in the error for another rank.
+    fn integers_of(
+        &self,
+        name: &str,
+        accepted: &[Dtype],
+        expected_shape: &str,
+    ) -> Result<Vec<i64>> {
         let t = self.get(name)?;
         if t.shape.len() != 1 {
             return Err(Error::shape(
                 name.to_string(),
                 shape_string(&t.shape),
-                "a 1-D vector [N] of class indices",
+                expected_shape,
             ));
         }
+        let dtype_error = || {
+            let names: Vec<String> = accepted.iter().map(|&d| dtype_name(d)).collect();
+            let expected = match names.split_last() {
+                Some((last, [])) => last.clone(),
+                Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+                None => "nothing".to_string(),
+            };
+            Error::Input(format!(
+                "tensor `{name}` in {} has dtype {}, expected {expected}",
+                self.source,
+                dtype_name(t.dtype)
+            ))
+        };
+        if !accepted.contains(&t.dtype) {
+            return Err(dtype_error());
+        }
         match t.dtype {
-            Dtype::I64 => Ok(t
-                .data
-                .chunks_exact(8)
-                .map(|b| i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
-                .collect()),
-            Dtype::I32 => Ok(t
-                .data
-                .chunks_exact(4)
-                .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as i64)
-                .collect()),
-            d => Err(Error::Input(format!(
-                "tensor `{name}` has dtype {}, expected i64 or i32",
-                dtype_name(d)
-            ))),
+            Dtype::I64 => Ok(widen_integers::<i64>(&t.data)),
+            Dtype::I32 => Ok(widen_integers::<i32>(&t.data)),
+            Dtype::U8 => Ok(widen_integers::<u8>(&t.data)),
+            _ => Err(dtype_error()),
         }
     }
 
@@ -286,7 +369,8 @@ impl TensorFile {
         let t = self.get(name)?;
         if t.dtype != Dtype::F32 {
             return Err(Error::Input(format!(
-                "tensor `{name}` has dtype {}, expected f32",
+                "tensor `{name}` in {} has dtype {}, expected f32",
+                self.source,
                 dtype_name(t.dtype)
             )));
         }
@@ -419,8 +503,14 @@ pub fn write_f32(path: impl AsRef<Path>, tensors: &[OutputTensor]) -> Result<()>
     write_atomic(path, &bytes)
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same directory and a rename.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+/// Writes `bytes` to `path` atomically: to a temporary file in the same directory (named after
+/// `path`, the process id and the time, created exclusively and synced), then renamed over `path`.
+/// On any error the temporary file is removed and a file already at `path` is untouched.
+///
+/// Errors: [`Error::Io`] naming `path` when it cannot be written (no file name, no such
+/// directory, no permission, a directory in the way).
+pub fn write_atomic(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
+    let path = path.as_ref();
     let file_name = path.file_name().ok_or_else(|| {
         io_error(
             std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file name"),

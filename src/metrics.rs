@@ -31,6 +31,18 @@ fn shape_of(m: &Matrix) -> String {
     format!("[{}, {}]", m.rows, m.cols)
 }
 
+/// Errors unless there is one label per row of `u`.
+fn check_labels(u: &Matrix, labels: &[i64]) -> Result<()> {
+    if labels.len() != u.rows {
+        return Err(Error::shape(
+            "labels",
+            format!("[{}]", labels.len()),
+            format!("[{}] (one label per row)", u.rows),
+        ));
+    }
+    Ok(())
+}
+
 fn check_matrix(name: &'static str, m: &Matrix, min_rows: usize) -> Result<()> {
     if m.data.len() != m.rows * m.cols {
         return Err(Error::shape(
@@ -137,13 +149,7 @@ pub fn uniformity(u: &Matrix, t: f64) -> Result<f64> {
 /// empty, or when no class has two members (no same-class pair).
 pub fn tolerance(u: &Matrix, labels: &[i64]) -> Result<f64> {
     check_matrix("embeddings", u, 1)?;
-    if labels.len() != u.rows {
-        return Err(Error::shape(
-            "labels",
-            format!("[{}]", labels.len()),
-            format!("[{}] (one label per row)", u.rows),
-        ));
-    }
+    check_labels(u, labels)?;
     let mut classes: std::collections::BTreeMap<i64, (Vec<f64>, f64, usize)> =
         std::collections::BTreeMap::new();
     for (i, &y) in labels.iter().enumerate() {
@@ -178,13 +184,7 @@ pub fn tolerance(u: &Matrix, labels: &[i64]) -> Result<f64> {
 /// Errors when `k = 0`, `k ≥ N`, or the label count differs from the row count.
 pub fn knn_accuracy(u: &Matrix, labels: &[i64], k: usize) -> Result<f64> {
     check_matrix("embeddings", u, 2)?;
-    if labels.len() != u.rows {
-        return Err(Error::shape(
-            "labels",
-            format!("[{}]", labels.len()),
-            format!("[{}] (one label per row)", u.rows),
-        ));
-    }
+    check_labels(u, labels)?;
     if k == 0 || k >= u.rows {
         return Err(Error::parameter(
             "k",
@@ -385,29 +385,6 @@ impl PenaltyHistogram {
     }
 }
 
-fn check_temperature(temp: &Temperature) -> Result<()> {
-    match *temp {
-        Temperature::Fixed(t) | Temperature::Learnable(t) => {
-            if !(t.is_finite() && t > 0.0) {
-                return Err(Error::parameter("temperature", t, "must be finite and > 0"));
-            }
-        }
-        Temperature::Dystress {
-            tau_min, tau_max, ..
-        } => {
-            if !(tau_min.is_finite() && tau_min > 0.0 && tau_max.is_finite() && tau_max >= tau_min)
-            {
-                return Err(Error::parameter(
-                    "dystress",
-                    format!("{tau_min},{tau_max}"),
-                    "needs finite 0 < tau_min <= tau_max",
-                ));
-            }
-        }
-    }
-    Ok(())
-}
-
 /// The bin of similarity `s` among `bins` equal bins over [−1, 1] (values outside, and NaN, go to
 /// the end bins; 0 when `bins` is 0).
 pub fn bin_of(s: f64, bins: usize) -> usize {
@@ -429,7 +406,7 @@ pub fn penalty_histogram(
     if bins == 0 {
         return Err(Error::parameter("bins", 0, "must be >= 1"));
     }
-    check_temperature(temp)?;
+    temp.check()?;
     let mut mass = vec![0.0; bins];
     for i in 0..neg.anchors {
         let s = neg.row(i);
@@ -453,7 +430,7 @@ pub fn penalty_share_above(
     temp: &Temperature,
     threshold: f64,
 ) -> Result<f64> {
-    check_temperature(temp)?;
+    temp.check()?;
     let mut total = 0.0;
     for i in 0..neg.anchors {
         let s = neg.row(i);
@@ -470,7 +447,7 @@ pub fn penalty_share_above(
 /// Effective negatives: `mean_i exp(entropy(r_i))`, how many negatives carry the gradient
 /// (between 1, all on one negative, and the number of negatives, spread evenly).
 pub fn effective_negatives(neg: &NegativeSimilarities, temp: &Temperature) -> Result<f64> {
-    check_temperature(temp)?;
+    temp.check()?;
     let mut total = 0.0;
     for i in 0..neg.anchors {
         let h: f64 = relative_penalty(neg.row(i), temp)

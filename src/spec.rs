@@ -107,6 +107,39 @@ impl Temperature {
     pub fn is_learnable(&self) -> bool {
         matches!(self, Temperature::Learnable(_))
     }
+
+    /// Checks the parameters: τ finite and > 0; 0 < τ_min ≤ τ_max, both finite.
+    ///
+    /// Errors: [`Error::Parameter`] naming `temperature`, `tau_min` or `tau_max` and
+    /// the allowed range.
+    pub fn check(&self) -> Result<()> {
+        match *self {
+            Temperature::Fixed(t) | Temperature::Learnable(t) => {
+                if !(t.is_finite() && t > 0.0) {
+                    return Err(Error::parameter("temperature", t, "must be finite and > 0"));
+                }
+            }
+            Temperature::Dystress {
+                tau_min, tau_max, ..
+            } => {
+                if !(tau_min.is_finite() && tau_min > 0.0) {
+                    return Err(Error::parameter(
+                        "tau_min",
+                        tau_min,
+                        "must be finite and > 0",
+                    ));
+                }
+                if !(tau_max.is_finite() && tau_max >= tau_min) {
+                    return Err(Error::parameter(
+                        "tau_max",
+                        tau_max,
+                        format!("must be finite and >= tau_min = {tau_min}"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Which loss is computed per anchor.
@@ -280,31 +313,7 @@ impl LossSpecBuilder {
     /// finite; `k ≥ 1`; λ finite; `grad_queue` only in queue mode.
     pub fn build(self) -> Result<LossSpec> {
         let s = self.spec;
-        match s.temperature {
-            Temperature::Fixed(t) | Temperature::Learnable(t) => {
-                if !(t.is_finite() && t > 0.0) {
-                    return Err(Error::parameter("temperature", t, "must be finite and > 0"));
-                }
-            }
-            Temperature::Dystress {
-                tau_min, tau_max, ..
-            } => {
-                if !(tau_min.is_finite() && tau_min > 0.0) {
-                    return Err(Error::parameter(
-                        "tau_min",
-                        tau_min,
-                        "must be finite and > 0",
-                    ));
-                }
-                if !(tau_max.is_finite() && tau_max >= tau_min) {
-                    return Err(Error::parameter(
-                        "tau_max",
-                        tau_max,
-                        format!("must be finite and >= tau_min = {tau_min}"),
-                    ));
-                }
-            }
-        }
+        s.temperature.check()?;
         if let Some(k) = s.variant.hard_k() {
             if k == 0 {
                 return Err(Error::parameter("hard:k", k, "k must be >= 1"));

@@ -19,7 +19,7 @@
 
 use crate::cpu;
 use crate::cuda;
-use crate::data::{augment, gaussian, normalize_in_place, stack, Clustered, Dataset};
+use crate::data::{augment, gaussian, normalize_in_place, stack, unstack, Clustered, Dataset};
 use crate::error::{Error, Result};
 use crate::loss::{LossInputs, LossOutput, Upstream};
 use crate::metrics;
@@ -415,16 +415,8 @@ pub fn train(
                 let g = out
                     .grad("embeddings")
                     .ok_or_else(|| Error::Unsupported("no embeddings gradient".into()))?;
-                let ga = Matrix {
-                    rows: batch,
-                    cols: g.cols,
-                    data: g.data[..batch * g.cols].to_vec(),
-                };
-                let gp = Matrix {
-                    rows: batch,
-                    cols: g.cols,
-                    data: g.data[batch * g.cols..].to_vec(),
-                };
+                // The gradient has the rows of `e`: the anchors' over the positives'.
+                let (ga, gp) = unstack(g);
                 accumulate_dw(&mut dw, &xa, &ga);
                 accumulate_dw(&mut dw, &xp, &gp);
                 out.loss.scalar().unwrap_or(f64::NAN)

@@ -305,7 +305,6 @@ pub fn run(args: &Args) -> Result<()> {
         .filter(|n| !file.contains(n))
         .collect();
     if !missing.is_empty() {
-        let present: Vec<&str> = file.names().collect();
         return Err(Error::Input(format!(
             "missing tensor{} {} in {} ({} mode needs {}; the file has {})",
             if missing.len() > 1 { "s" } else { "" },
@@ -317,11 +316,7 @@ pub fn run(args: &Args) -> Result<()> {
             file.source(),
             spec.mode().name(),
             names.join(", "),
-            if present.is_empty() {
-                "no tensors".to_string()
-            } else {
-                present.join(", ")
-            }
+            file.names_list()
         )));
     }
     let dtype = file.float_dtype(names[0])?;

@@ -11,7 +11,8 @@
 
 mod plot;
 
-use fused_infonce::data::{stack, two_views, Clustered};
+use fused_infonce::data::{stack, two_views, unstack, Clustered};
+use fused_infonce::io::{write_atomic, TensorFile};
 use fused_infonce::metrics::{self, NegativeSimilarities, Negatives, PenaltyHistogram};
 use fused_infonce::train::{self, temperature_label, Backend, TrainConfig, TrainMode, TrainResult};
 use fused_infonce::{
@@ -98,14 +99,40 @@ struct Fixed {
     labels: Option<Vec<i64>>,
 }
 
-/// One temperature's gradient picture (part 1).
+/// Which temperature a row is for: the JSON fields `label`, `kind` (`fixed` or `dystress`) and
+/// `tau` (fixed) or `tau_min` and `tau_max` (DySTreSS), the others null.
 #[derive(Debug, Clone, serde::Serialize)]
-struct PictureRow {
+struct TemperatureFields {
     label: String,
     kind: &'static str,
     tau: Option<f64>,
     tau_min: Option<f64>,
     tau_max: Option<f64>,
+}
+
+impl TemperatureFields {
+    fn of(t: &Temperature) -> Self {
+        let (kind, tau, tau_min, tau_max) = match *t {
+            Temperature::Fixed(x) | Temperature::Learnable(x) => ("fixed", Some(x), None, None),
+            Temperature::Dystress {
+                tau_min, tau_max, ..
+            } => ("dystress", None, Some(tau_min), Some(tau_max)),
+        };
+        Self {
+            label: temperature_label(t),
+            kind,
+            tau,
+            tau_min,
+            tau_max,
+        }
+    }
+}
+
+/// One temperature's gradient picture (part 1).
+#[derive(Debug, Clone, serde::Serialize)]
+struct PictureRow {
+    #[serde(flatten)]
+    temperature: TemperatureFields,
     loss: f64,
     effective_negatives: f64,
     gradient_norm: f64,
@@ -115,11 +142,8 @@ struct PictureRow {
 
 #[derive(Debug, serde::Serialize)]
 struct TrainRow {
-    label: String,
-    kind: &'static str,
-    tau: Option<f64>,
-    tau_min: Option<f64>,
-    tau_max: Option<f64>,
+    #[serde(flatten)]
+    temperature: TemperatureFields,
     #[serde(flatten)]
     result: TrainResult,
 }
@@ -198,128 +222,37 @@ fn schemes(args: &Args) -> Result<Vec<Temperature>> {
     Ok(out)
 }
 
-fn kind_fields(t: &Temperature) -> (&'static str, Option<f64>, Option<f64>, Option<f64>) {
-    match *t {
-        Temperature::Fixed(x) | Temperature::Learnable(x) => ("fixed", Some(x), None, None),
-        Temperature::Dystress {
-            tau_min, tau_max, ..
-        } => ("dystress", None, Some(tau_min), Some(tau_max)),
+/// The tensor `name` as an f64 matrix (2-D; stored as f32, f16, bf16 or f64), `None` when the
+/// file has no such tensor; its values must be finite.
+fn read_matrix(file: &TensorFile, name: &'static str) -> Result<Option<Matrix>> {
+    if !file.contains(name) {
+        return Ok(None);
     }
+    let m = file.matrix_f64(name)?;
+    m.view()?.check_finite()?;
+    Ok(Some(m.into()))
 }
 
-/// Reads one tensor as an f64 matrix (f32, f16, bf16 or f64; 2-D, or 1-D as one column).
-fn read_matrix(
-    st: &safetensors::SafeTensors<'_>,
-    name: &'static str,
-    file: &Path,
-) -> Result<Option<Matrix>> {
-    let view = match st.tensor(name) {
-        Ok(v) => v,
-        Err(_) => return Ok(None),
-    };
-    let shape = view.shape().to_vec();
-    let (rows, cols) = match shape.as_slice() {
-        [r, c] => (*r, *c),
-        _ => {
-            return Err(Error::shape(
-                name,
-                format!("{shape:?}"),
-                "a 2-D tensor [rows, D]",
-            ))
-        }
-    };
-    let bytes = view.data();
-    use safetensors::Dtype;
-    let data: Vec<f64> = match view.dtype() {
-        Dtype::F32 => bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64)
-            .collect(),
-        Dtype::F64 => bytes
-            .chunks_exact(8)
-            .map(|b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
-            .collect(),
-        Dtype::F16 => bytes
-            .chunks_exact(2)
-            .map(|b| fused_infonce::f16::from_le_bytes([b[0], b[1]]).to_f64())
-            .collect(),
-        Dtype::BF16 => bytes
-            .chunks_exact(2)
-            .map(|b| fused_infonce::bf16::from_le_bytes([b[0], b[1]]).to_f64())
-            .collect(),
-        other => {
-            return Err(Error::Input(format!(
-                "{}: tensor `{name}` has dtype {other:?}; expected f32, f16, bf16 or f64",
-                file.display()
-            )))
-        }
-    };
-    if data.len() != rows * cols {
+/// The integer `labels` tensor (i64, i32 or u8; 1-D) that `--labels` asks for.
+fn read_labels(file: &TensorFile) -> Result<Vec<i64>> {
+    if !file.contains("labels") {
         return Err(Error::Input(format!(
-            "{}: tensor `{name}` has {} elements for shape {shape:?}",
-            file.display(),
-            data.len()
+            "{}: --labels given but the file has no `labels` tensor",
+            file.source()
         )));
     }
-    let m = Matrix { rows, cols, data };
-    if let Some(idx) = m.data.iter().position(|x| !x.is_finite()) {
-        return Err(Error::NonFinite {
-            tensor: name.into(),
-            row: idx / cols.max(1),
-            col: idx % cols.max(1),
-            value: m.data[idx],
-        });
-    }
-    Ok(Some(m))
-}
-
-fn read_labels(st: &safetensors::SafeTensors<'_>, file: &Path) -> Result<Vec<i64>> {
-    let view = st.tensor("labels").map_err(|_| {
-        Error::Input(format!(
-            "{}: --labels given but the file has no `labels` tensor",
-            file.display()
-        ))
-    })?;
-    if view.shape().len() != 1 {
-        return Err(Error::shape(
-            "labels",
-            format!("{:?}", view.shape()),
-            "a 1-D integer tensor (one label per sample)",
-        ));
-    }
-    let b = view.data();
-    use safetensors::Dtype;
-    Ok(match view.dtype() {
-        Dtype::I64 => b
-            .chunks_exact(8)
-            .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-            .collect(),
-        Dtype::I32 => b
-            .chunks_exact(4)
-            .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64)
-            .collect(),
-        Dtype::U8 => b.iter().map(|&c| c as i64).collect(),
-        other => {
-            return Err(Error::Input(format!(
-                "{}: tensor `labels` has dtype {other:?}; expected i64, i32 or u8",
-                file.display()
-            )))
-        }
-    })
+    file.integers("labels")
 }
 
 fn load_input(path: &Path, want_labels: bool) -> Result<Fixed> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| Error::Input(format!("cannot read {}: {e}", path.display())))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| Error::Input(format!("{}: not a safetensors file: {e}", path.display())))?;
+    let file = TensorFile::read(path)?;
     let labels = if want_labels {
-        Some(read_labels(&st, path)?)
+        Some(read_labels(&file)?)
     } else {
         None
     };
-    let name = path.display().to_string();
-    if let Some(e) = read_matrix(&st, "embeddings", path)? {
+    let name = file.source();
+    if let Some(e) = read_matrix(&file, "embeddings")? {
         let labels = match labels {
             Some(l) if l.len() * 2 == e.rows => Some(l.iter().chain(&l).copied().collect()),
             Some(l) if l.len() == e.rows => Some(l),
@@ -343,8 +276,8 @@ fn load_input(path: &Path, want_labels: bool) -> Result<Fixed> {
             labels,
         });
     }
-    let q = read_matrix(&st, "query", path)?;
-    let p = read_matrix(&st, "positive", path)?;
+    let q = read_matrix(&file, "query")?;
+    let p = read_matrix(&file, "positive")?;
     let (q, p) = match (q, p) {
         (Some(q), Some(p)) => (q, p),
         _ => {
@@ -363,7 +296,7 @@ fn load_input(path: &Path, want_labels: bool) -> Result<Fixed> {
             ));
         }
     }
-    match read_matrix(&st, "queue", path)? {
+    match read_matrix(&file, "queue")? {
         Some(m) => Ok(Fixed {
             description: format!(
                 "{name}: query {}×{}, queue {}×{}",
@@ -434,17 +367,7 @@ fn gradient_picture(
     let (anchors, pairs_u, pairs_v, neg) = match fixed.mode {
         "inbatch" => {
             let e = &norm[0];
-            let n = e.rows / 2;
-            let u = Matrix {
-                rows: n,
-                cols: e.cols,
-                data: e.data[..n * e.cols].to_vec(),
-            };
-            let v = Matrix {
-                rows: n,
-                cols: e.cols,
-                data: e.data[n * e.cols..].to_vec(),
-            };
+            let (u, v) = unstack(e);
             let neg = NegativeSimilarities::new(Negatives::InBatch { embeddings: e })?;
             (e.clone(), u, v, neg)
         }
@@ -497,13 +420,8 @@ fn gradient_picture(
         };
         let out = backend.evaluate(&spec, &inputs, &Upstream::One)?;
         let hist: PenaltyHistogram = metrics::penalty_histogram(&neg, t, args.bins)?;
-        let (kind, tau, tau_min, tau_max) = kind_fields(t);
         rows.push(PictureRow {
-            label: temperature_label(t),
-            kind,
-            tau,
-            tau_min,
-            tau_max,
+            temperature: TemperatureFields::of(t),
             loss: out.loss.scalar().unwrap_or(f64::NAN),
             effective_negatives: metrics::effective_negatives(&neg, t)?,
             gradient_norm: metrics::gradient_norm(&out),
@@ -582,10 +500,15 @@ fn print_picture(fixed: &Fixed, pic: &Picture, threshold: f64, negatives: usize)
             .unwrap_or(f64::NAN);
         println!(
             "  {:<18} {:>9.4} {:>10.1} {:>10.4} {:>11.3} {:>12.2}",
-            r.label, r.loss, r.effective_negatives, r.gradient_norm, r.share_above_threshold, peak
+            r.temperature.label,
+            r.loss,
+            r.effective_negatives,
+            r.gradient_norm,
+            r.share_above_threshold,
+            peak
         );
     }
-    let f = fixed_by_falling_tau(&pic.rows, |r| r.tau);
+    let f = fixed_by_falling_tau(&pic.rows, |r| r.temperature.tau);
     if let (Some(hi), Some(lo)) = (f.first(), f.last()) {
         if f.len() > 1 {
             println!(
@@ -635,7 +558,7 @@ fn print_train(report: &TrainReport) {
         let a = &r.result.after;
         println!(
             "  {:<18} {:>11.4} {:>10.4} {:>11.4} {:>10.4} {:>10.4} {:>9.3}",
-            r.label,
+            r.temperature.label,
             r.result.loss_before,
             r.result.loss_after,
             a.uniformity,
@@ -644,7 +567,7 @@ fn print_train(report: &TrainReport) {
             a.knn_accuracy
         );
     }
-    let f = fixed_by_falling_tau(&report.results, |r| r.tau);
+    let f = fixed_by_falling_tau(&report.results, |r| r.temperature.tau);
     if let (Some(hi), Some(lo)) = (f.first(), f.last()) {
         if f.len() > 1 {
             let tol: Vec<f64> = f.iter().map(|r| r.1.result.after.tolerance).collect();
@@ -662,24 +585,6 @@ fn print_train(report: &TrainReport) {
             );
         }
     }
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
-    let tmp = match dir {
-        Some(d) => d.join(format!(
-            ".{}.tmp",
-            path.file_name().and_then(|n| n.to_str()).unwrap_or("out")
-        )),
-        None => PathBuf::from(format!(
-            ".{}.tmp",
-            path.file_name().and_then(|n| n.to_str()).unwrap_or("out")
-        )),
-    };
-    std::fs::write(&tmp, bytes)
-        .map_err(|e| Error::Input(format!("cannot write {}: {e}", path.display())))?;
-    std::fs::rename(&tmp, path)
-        .map_err(|e| Error::Input(format!("cannot write {}: {e}", path.display())))
 }
 
 struct Sweep<'a> {
@@ -739,16 +644,11 @@ impl Sweep<'_> {
             };
             let mut results = Vec::new();
             for t in &temps {
-                let label = temperature_label(t);
-                bar.set_message(format!("train τ = {label}"));
+                let temperature = TemperatureFields::of(t);
+                bar.set_message(format!("train τ = {}", temperature.label));
                 let r = train::train(&cfg, *t, &mut |_| bar.inc(1))?;
-                let (kind, tau, tau_min, tau_max) = kind_fields(t);
                 results.push(TrainRow {
-                    label,
-                    kind,
-                    tau,
-                    tau_min,
-                    tau_max,
+                    temperature,
                     result: r,
                 });
             }
