@@ -339,7 +339,8 @@ __device__ void infonce_finish(const T* __restrict__ x, const float* __restrict_
     float inv = 1.0f, dot = 0.0f;
     if (inv_norm) {
         inv = inv_norm[xr];
-        if (inv < 1.0f / NORM_EPS) {  // ‖x‖ ≤ ε: the forward was x/ε, a linear map (dot = 0)
+        // ‖x‖ > ε: project out u. (‖x‖ ≤ ε: the forward was x/ε, a linear map, so dot stays 0.)
+        if (inv < 1.0f / NORM_EPS) {
             for (int d = lane; d < dim; d += WARP) dot = fmaf(to_f32(xrow[d]) * inv, gr[d], dot);
             dot = warp_sum(dot);
         }

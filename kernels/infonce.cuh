@@ -66,6 +66,44 @@ struct InfonceParams {
     int32_t has_lambda;        // 0: λ = 1/#kept negatives
 };
 static_assert(sizeof(InfonceParams) == 232, "InfonceParams must match src/cuda/kernels_v1.rs");
+// Field offsets, asserted identically in src/cuda/kernels_v1.rs (offset_of!).
+#define INFONCE_PARAMS_OFFSET(F, O) static_assert(__builtin_offsetof(InfonceParams, F) == O, "InfonceParams." #F " offset");
+INFONCE_PARAMS_OFFSET(x, 0)
+INFONCE_PARAMS_OFFSET(y, 8)
+INFONCE_PARAMS_OFFSET(pos, 16)
+INFONCE_PARAMS_OFFSET(targets, 24)
+INFONCE_PARAMS_OFFSET(s_threshold, 32)
+INFONCE_PARAMS_OFFSET(weights, 40)
+INFONCE_PARAMS_OFFSET(part_max, 48)
+INFONCE_PARAMS_OFFSET(part_sum, 56)
+INFONCE_PARAMS_OFFSET(part_pz, 64)
+INFONCE_PARAMS_OFFSET(part_acc, 72)
+INFONCE_PARAMS_OFFSET(lse, 80)
+INFONCE_PARAMS_OFFSET(loss, 88)
+INFONCE_PARAMS_OFFSET(dpos, 96)
+INFONCE_PARAMS_OFFSET(scale, 104)
+INFONCE_PARAMS_OFFSET(dtau, 112)
+INFONCE_PARAMS_OFFSET(grad_x, 120)
+INFONCE_PARAMS_OFFSET(grad_y, 128)
+INFONCE_PARAMS_OFFSET(grad_pos, 136)
+INFONCE_PARAMS_OFFSET(n_anchors, 144)
+INFONCE_PARAMS_OFFSET(n_keys, 152)
+INFONCE_PARAMS_OFFSET(y_start, 160)
+INFONCE_PARAMS_OFFSET(y_cap, 168)
+INFONCE_PARAMS_OFFSET(chunk_len, 176)
+INFONCE_PARAMS_OFFSET(dim, 184)
+INFONCE_PARAMS_OFFSET(n_chunks, 188)
+INFONCE_PARAMS_OFFSET(pos_kind, 192)
+INFONCE_PARAMS_OFFSET(self_skip, 196)
+INFONCE_PARAMS_OFFSET(variant, 200)
+INFONCE_PARAMS_OFFSET(temp_kind, 204)
+INFONCE_PARAMS_OFFSET(inv_tau, 208)
+INFONCE_PARAMS_OFFSET(tau, 212)
+INFONCE_PARAMS_OFFSET(tau_min, 216)
+INFONCE_PARAMS_OFFSET(tau_max, 220)
+INFONCE_PARAMS_OFFSET(lambda, 224)
+INFONCE_PARAMS_OFFSET(has_lambda, 228)
+#undef INFONCE_PARAMS_OFFSET
 
 // τ(s) = τ_min + ½(τ_max − τ_min)(1 + cos(π(1 + s)))   (constant τ for fixed and learnable)
 __device__ __forceinline__ float tau_of(const InfonceParams& p, float s) {

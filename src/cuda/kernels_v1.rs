@@ -184,6 +184,45 @@ struct InfonceParams {
     has_lambda: i32,
 }
 const _: () = assert!(std::mem::size_of::<InfonceParams>() == 232);
+// Field offsets, asserted identically in kernels/infonce.cuh (offsetof).
+const _: () = {
+    use std::mem::offset_of;
+    assert!(offset_of!(InfonceParams, x) == 0);
+    assert!(offset_of!(InfonceParams, y) == 8);
+    assert!(offset_of!(InfonceParams, pos) == 16);
+    assert!(offset_of!(InfonceParams, targets) == 24);
+    assert!(offset_of!(InfonceParams, s_threshold) == 32);
+    assert!(offset_of!(InfonceParams, weights) == 40);
+    assert!(offset_of!(InfonceParams, part_max) == 48);
+    assert!(offset_of!(InfonceParams, part_sum) == 56);
+    assert!(offset_of!(InfonceParams, part_pz) == 64);
+    assert!(offset_of!(InfonceParams, part_acc) == 72);
+    assert!(offset_of!(InfonceParams, lse) == 80);
+    assert!(offset_of!(InfonceParams, loss) == 88);
+    assert!(offset_of!(InfonceParams, dpos) == 96);
+    assert!(offset_of!(InfonceParams, scale) == 104);
+    assert!(offset_of!(InfonceParams, dtau) == 112);
+    assert!(offset_of!(InfonceParams, grad_x) == 120);
+    assert!(offset_of!(InfonceParams, grad_y) == 128);
+    assert!(offset_of!(InfonceParams, grad_pos) == 136);
+    assert!(offset_of!(InfonceParams, n_anchors) == 144);
+    assert!(offset_of!(InfonceParams, n_keys) == 152);
+    assert!(offset_of!(InfonceParams, y_start) == 160);
+    assert!(offset_of!(InfonceParams, y_cap) == 168);
+    assert!(offset_of!(InfonceParams, chunk_len) == 176);
+    assert!(offset_of!(InfonceParams, dim) == 184);
+    assert!(offset_of!(InfonceParams, n_chunks) == 188);
+    assert!(offset_of!(InfonceParams, pos_kind) == 192);
+    assert!(offset_of!(InfonceParams, self_skip) == 196);
+    assert!(offset_of!(InfonceParams, variant) == 200);
+    assert!(offset_of!(InfonceParams, temp_kind) == 204);
+    assert!(offset_of!(InfonceParams, inv_tau) == 208);
+    assert!(offset_of!(InfonceParams, tau) == 212);
+    assert!(offset_of!(InfonceParams, tau_min) == 216);
+    assert!(offset_of!(InfonceParams, tau_max) == 220);
+    assert!(offset_of!(InfonceParams, lambda) == 224);
+    assert!(offset_of!(InfonceParams, has_lambda) == 228);
+};
 
 // SAFETY: a #[repr(C)] struct of plain integers and floats laid out exactly as the CUDA struct
 // (same field order and types; sizes asserted on both sides), passed by value as a kernel argument.

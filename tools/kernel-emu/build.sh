@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Builds the host emulator binaries (see README.md) into $OUT (default tools/kernel-emu/out) from
+# the kernels in $SRC (default kernels/ of this repository).
+set -e
+HERE=$(cd "$(dirname "$0")" && pwd)
+SRC=${SRC:-$HERE/../../kernels}
+OUT=${OUT:-$HERE/out}
+mkdir -p "$OUT/shim" "$OUT/obj"
+cp "$SRC"/*.cu "$SRC"/*.cuh "$OUT/shim/"
+# CUDA headers -> emu.h; dynamic shared memory -> a static array (8 warps x 1024 bins).
+sed -i 's|#include <cuda_bf16.h>|#include "emu.h"|; s|#include <cuda_fp16.h>||' "$OUT/shim/common.cuh"
+sed -i 's/extern __shared__ float warp_bins\[\];/static float warp_bins[8 * 1024];/' "$OUT/shim/metrics.cu"
+CXX="g++ -O1 -std=c++17 -pthread -I$HERE -I$OUT"
+for f in infonce normalize select metrics unfused; do
+    printf '#include "emu.h"\n#include "shim/%s.cu"\n' $f > "$OUT/obj/tu_$f.cpp"
+    $CXX -c "$OUT/obj/tu_$f.cpp" -o "$OUT/obj/tu_$f.o" &
+done
+$CXX -c "$HERE/emu.cpp" -o "$OUT/obj/emu.o" &
+wait
+K="$OUT/obj/emu.o $OUT/obj/tu_infonce.o $OUT/obj/tu_normalize.o $OUT/obj/tu_select.o"
+$CXX "$HERE/loss.cpp" $K -o "$OUT/loss"
+$CXX -DDT=f16 -DTT=f16 "$HERE/loss.cpp" $K -o "$OUT/loss_f16"
+$CXX -DDT=bf16 -DTT=bf16 "$HERE/loss.cpp" $K -o "$OUT/loss_bf16"
+$CXX "$HERE/sel.cpp" "$OUT/obj/emu.o" "$OUT/obj/tu_select.o" -o "$OUT/sel"
+$CXX "$HERE/met.cpp" "$OUT/obj/emu.o" "$OUT/obj/tu_metrics.o" -o "$OUT/met"
+$CXX "$HERE/unf.cpp" "$OUT/obj/emu.o" "$OUT/obj/tu_unfused.o" -o "$OUT/unf"
+echo "built into $OUT"
