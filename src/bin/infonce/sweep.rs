@@ -11,6 +11,7 @@
 
 mod plot;
 
+use fused_infonce::cuda;
 use fused_infonce::data::{stack, two_views, unstack, Clustered};
 use fused_infonce::io::{write_atomic, TensorFile};
 use fused_infonce::metrics::{self, NegativeSimilarities, Negatives, PenaltyHistogram};
@@ -386,11 +387,29 @@ fn gradient_picture(
             (norm[0].clone(), norm[0].clone(), norm[1].clone(), neg)
         }
     };
-    let uniformity = metrics::uniformity(&anchors, metrics::UNIFORMITY_T)?;
     let alignment = metrics::alignment(&pairs_u, &pairs_v)?;
-    let tolerance = match &fixed.labels {
-        Some(l) => Some(metrics::tolerance(&anchors, l)?),
-        None => None,
+    // With --backend cuda, uniformity, tolerance, the penalty histogram and the effective
+    // negatives come from the GPU metric kernels (cuda::metrics); alignment, the gradient norm and
+    // the hard-negative share stay on the host.
+    let gpu = match backend {
+        Backend::Cuda => Some(GpuMetrics::new(fixed.mode, &norm)?),
+        Backend::Cpu => None,
+    };
+    let (uniformity, tolerance) = match &gpu {
+        Some(g) => (
+            g.uniformity()?,
+            match &fixed.labels {
+                Some(l) => Some(g.tolerance(l)?),
+                None => None,
+            },
+        ),
+        None => (
+            metrics::uniformity(&anchors, metrics::UNIFORMITY_T)?,
+            match &fixed.labels {
+                Some(l) => Some(metrics::tolerance(&anchors, l)?),
+                None => None,
+            },
+        ),
     };
 
     let mut rows = Vec::new();
@@ -420,13 +439,17 @@ fn gradient_picture(
         };
         let out = backend.evaluate(&spec, &inputs, &Upstream::One)?;
         let hist: PenaltyHistogram = metrics::penalty_histogram(&neg, t, args.bins)?;
+        let (mass, effective_negatives) = match &gpu {
+            Some(g) => g.penalty(t, args.bins)?,
+            None => (hist.mass, metrics::effective_negatives(&neg, t)?),
+        };
         rows.push(PictureRow {
             temperature: TemperatureFields::of(t),
             loss: out.loss.scalar().unwrap_or(f64::NAN),
-            effective_negatives: metrics::effective_negatives(&neg, t)?,
+            effective_negatives,
             gradient_norm: metrics::gradient_norm(&out),
             share_above_threshold: metrics::penalty_share_above(&neg, t, args.threshold)?,
-            histogram: hist.mass,
+            histogram: mass,
         });
         edges = hist.edges;
         bar.inc(1);
@@ -438,6 +461,73 @@ fn gradient_picture(
         rows,
         edges,
     })
+}
+
+/// The sweep's metrics on the GPU: the (normalised) matrices uploaded once as f32, the metric
+/// kernels of [`fused_infonce::cuda::metrics`] per call, results downloaded as f64. Edge cases map
+/// to the CPU metrics' errors (the kernels return NaN or 0 there).
+struct GpuMetrics {
+    gpu: cuda::Gpu,
+    mode: &'static str,
+    mats: Vec<cuda::DeviceMatrix<f32>>,
+}
+
+impl GpuMetrics {
+    fn new(mode: &'static str, norm: &[Matrix]) -> Result<Self> {
+        let gpu = cuda::Gpu::new(0)?;
+        let mats = norm
+            .iter()
+            .map(|m| {
+                let v: Vec<f32> = m.data.iter().map(|&x| x as f32).collect();
+                cuda::DeviceMatrix::upload(&gpu, &MatRef::new("rows", &v, m.rows, m.cols)?)
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { gpu, mode, mats })
+    }
+
+    fn one(&self, s: &cudarc::driver::CudaSlice<f32>) -> Result<f64> {
+        Ok(self.gpu.stream().clone_dtoh(s)?[0] as f64)
+    }
+
+    fn uniformity(&self) -> Result<f64> {
+        let u = cuda::metrics::uniformity(&self.gpu, &self.mats[0], metrics::UNIFORMITY_T)?;
+        self.one(&u)
+    }
+
+    fn tolerance(&self, labels: &[i64]) -> Result<f64> {
+        let (ids, classes) = cuda::metrics::dense_labels(labels);
+        let dev = self.gpu.stream().clone_htod(&ids)?;
+        let t = cuda::metrics::tolerance(&self.gpu, &self.mats[0], &dev, classes)?;
+        let t = self.one(&t)?;
+        if t.is_nan() {
+            return Err(Error::Input(
+                "tolerance: no class has two samples (no same-class pairs)".into(),
+            ));
+        }
+        Ok(t)
+    }
+
+    /// The penalty histogram's mass per bin and the effective number of negatives.
+    fn penalty(&self, t: &Temperature, bins: usize) -> Result<(Vec<f64>, f64)> {
+        let m = &self.mats;
+        let inputs = match self.mode {
+            "inbatch" => cuda::DeviceInputs::InBatch { embeddings: &m[0] },
+            "queue" => cuda::DeviceInputs::Queue {
+                query: &m[0],
+                positive: &m[1],
+                queue: cuda::QueueView::whole(&m[2]),
+            },
+            _ => cuda::DeviceInputs::Cross {
+                query: &m[0],
+                key: &m[1],
+                targets: None,
+            },
+        };
+        let p = cuda::metrics::penalty(&self.gpu, &inputs, false, t, bins)?;
+        let mass = self.gpu.stream().clone_dtoh(&p.histogram)?;
+        let eff = self.one(&p.effective_negatives)?;
+        Ok((mass.iter().take(bins).map(|&x| x as f64).collect(), eff))
+    }
 }
 
 fn progress_bar(len: u64) -> ProgressBar {
