@@ -20,6 +20,10 @@ __device__ __forceinline__ uint32_t tile_offset(int row, int chunk) {
     return (uint32_t)(row * D * 2 + ((chunk ^ (row & 7)) << 4));
 }
 
+#ifdef FUSED_INFONCE_EMU
+// tools/kernel-emu: host emulations of the primitives below (same signatures and fragment layouts).
+#include "emu_mma.h"
+#else
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
     return (uint32_t)__cvta_generic_to_shared(p);
 }
@@ -82,6 +86,7 @@ __device__ __forceinline__ float ex2(float x) {
     asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
     return y;
 }
+#endif
 
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;

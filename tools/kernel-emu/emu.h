@@ -77,17 +77,26 @@ inline float __fdividef(float a, float b) { return a / b; }
 template <class A, class B> inline auto min(A a, B b) -> decltype(a + b) { return a < b ? a : b; }
 
 // Storage types round like the real ones (round to nearest even: f16 11-bit, bf16 8-bit mantissa).
-struct __half { float v; };
-inline float __half2float(__half h) { return h.v; }
-inline __half __float2half_rn(float f) { _Float16 h = (_Float16)f; return {(float)h}; }
-struct __nv_bfloat16 { float v; };
-inline float __bfloat162float(__nv_bfloat16 h) { return h.v; }
+// Storage types are 16-bit like the real ones (so byte offsets, 16-byte copies and register
+// packing are realistic) and round to nearest even (f16 11-bit, bf16 8-bit significand).
+struct __half { uint16_t x; };
+inline float __half2float(__half h) { _Float16 f; std::memcpy(&f, &h.x, 2); return (float)f; }
+inline __half __float2half_rn(float f) { _Float16 h = (_Float16)f; __half r; std::memcpy(&r.x, &h, 2); return r; }
+struct __nv_bfloat16 { uint16_t x; };
+inline float __bfloat162float(__nv_bfloat16 h) { return __uint_as_float((uint32_t)h.x << 16); }
 inline __nv_bfloat16 __float2bfloat16_rn(float f) {
     uint32_t u = __float_as_uint(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return {__uint_as_float((u | 0x00400000u) & 0xffff0000u)};
+    if ((u & 0x7fffffffu) > 0x7f800000u) return {(uint16_t)((u | 0x00400000u) >> 16)};
     u += 0x7fffu + ((u >> 16) & 1u);
-    return {__uint_as_float(u & 0xffff0000u)};
+    return {(uint16_t)(u >> 16)};
 }
+static_assert(sizeof(__half) == 2 && sizeof(__nv_bfloat16) == 2, "16-bit storage");
+struct float2 { float x, y; };
+inline float2 make_float2(float a, float b) { return {a, b}; }
+template <class T> inline T __ldg(const T* p) { return *p; }
+inline float __log2f(float x) { return std::log2(x); }
+inline int __any_sync(unsigned m, int pred) { return __ballot_sync(m, pred) != 0; }
+#define __align__(n) __attribute__((aligned(n)))
 #define __device__
 #define __global__
 #define __forceinline__ inline
