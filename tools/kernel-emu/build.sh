@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the host emulator binaries (see README.md) into $OUT (default tools/kernel-emu/out) from
-# the kernels in $SRC (default kernels/ of this repository).
+# the kernels in $SRC (default kernels/ of this repository). ONLY=mma builds only the tensor-core
+# harnesses (mma_f16, mma_bf16; what tests/kernel_emu.rs runs).
 set -e
 HERE=$(cd "$(dirname "$0")" && pwd)
 SRC=${SRC:-$HERE/../../kernels}
@@ -14,23 +15,28 @@ sed -i 's/extern __shared__ float warp_bins\[\];/static float warp_bins[8 * 1024
 sed -i 's/extern __shared__ __align__(128) unsigned char smem\[\];/unsigned char* const smem = emu_dyn_smem;/' "$OUT/shim/infonce_mma.cu"
 grep -q 'emu_dyn_smem' "$OUT/shim/infonce_mma.cu" || { echo "build.sh: the smem declaration of infonce_mma.cu changed" >&2; exit 1; }
 CXX="g++ -O1 -std=c++17 -pthread -I$HERE -I$OUT"
-for f in infonce normalize select metrics unfused; do
-    printf '#include "emu.h"\n#include "shim/%s.cu"\n' $f > "$OUT/obj/tu_$f.cpp"
-    $CXX -c "$OUT/obj/tu_$f.cpp" -o "$OUT/obj/tu_$f.o" &
-done
-for dt in f16 bf16; do
-    $CXX -DFUSED_INFONCE_EMU -DDT=$dt -c "$HERE/mma.cpp" -o "$OUT/obj/mma_$dt.o" &
-done
 printf '#include "emu.h"\n#include "shim/infonce_mma.cu"\n' > "$OUT/obj/tu_mma.cpp"
-$CXX -DFUSED_INFONCE_EMU -c "$OUT/obj/tu_mma.cpp" -o "$OUT/obj/tu_mma.o" &
-$CXX -c "$HERE/emu.cpp" -o "$OUT/obj/emu.o" &
-wait
-K="$OUT/obj/emu.o $OUT/obj/tu_infonce.o $OUT/obj/tu_normalize.o $OUT/obj/tu_select.o"
-$CXX "$HERE/loss.cpp" $K -o "$OUT/loss"
-$CXX -DDT=f16 -DTT=f16 "$HERE/loss.cpp" $K -o "$OUT/loss_f16"
-$CXX -DDT=bf16 -DTT=bf16 "$HERE/loss.cpp" $K -o "$OUT/loss_bf16"
-$CXX "$HERE/sel.cpp" "$OUT/obj/emu.o" "$OUT/obj/tu_select.o" -o "$OUT/sel"
-$CXX "$HERE/met.cpp" "$OUT/obj/emu.o" "$OUT/obj/tu_metrics.o" -o "$OUT/met"
-$CXX "$HERE/unf.cpp" "$OUT/obj/emu.o" "$OUT/obj/tu_unfused.o" -o "$OUT/unf"
+pids=()
+for dt in f16 bf16; do
+    $CXX -DFUSED_INFONCE_EMU -DDT=$dt -c "$HERE/mma.cpp" -o "$OUT/obj/mma_$dt.o" & pids+=($!)
+done
+$CXX -DFUSED_INFONCE_EMU -c "$OUT/obj/tu_mma.cpp" -o "$OUT/obj/tu_mma.o" & pids+=($!)
+$CXX -c "$HERE/emu.cpp" -o "$OUT/obj/emu.o" & pids+=($!)
+if [ "${ONLY:-}" != mma ]; then
+    for f in infonce normalize select metrics unfused; do
+        printf '#include "emu.h"\n#include "shim/%s.cu"\n' $f > "$OUT/obj/tu_$f.cpp"
+        $CXX -c "$OUT/obj/tu_$f.cpp" -o "$OUT/obj/tu_$f.o" & pids+=($!)
+    done
+fi
+for p in "${pids[@]}"; do wait "$p"; done
 for dt in f16 bf16; do $CXX "$OUT/obj/mma_$dt.o" "$OUT/obj/emu.o" "$OUT/obj/tu_mma.o" -o "$OUT/mma_$dt"; done
+if [ "${ONLY:-}" != mma ]; then
+    K="$OUT/obj/emu.o $OUT/obj/tu_infonce.o $OUT/obj/tu_normalize.o $OUT/obj/tu_select.o"
+    $CXX "$HERE/loss.cpp" $K -o "$OUT/loss"
+    $CXX -DDT=f16 -DTT=f16 "$HERE/loss.cpp" $K -o "$OUT/loss_f16"
+    $CXX -DDT=bf16 -DTT=bf16 "$HERE/loss.cpp" $K -o "$OUT/loss_bf16"
+    $CXX "$HERE/sel.cpp" "$OUT/obj/emu.o" "$OUT/obj/tu_select.o" -o "$OUT/sel"
+    $CXX "$HERE/met.cpp" "$OUT/obj/emu.o" "$OUT/obj/tu_metrics.o" -o "$OUT/met"
+    $CXX "$HERE/unf.cpp" "$OUT/obj/emu.o" "$OUT/obj/tu_unfused.o" -o "$OUT/unf"
+fi
 echo "built into $OUT"

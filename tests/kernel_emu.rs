@@ -1,0 +1,318 @@
+//! The tensor-core kernels (kernels/infonce_mma.cu) on the host emulator of tools/kernel-emu,
+//! against the f64 CPU reference, with no GPU: every entry point (queue forward ± learnable τ,
+//! queue combine, pair LSE, pair combine, pair gradient) in f16 and bf16, D = 64 and 128, in
+//! queue (wrapped ring, K = 0), inbatch, cross (with and without targets) and symmetric modes,
+//! N and K not multiples of the 64-row tiles, N = 1, every reduction. `mma.sync` and `ldmatrix`
+//! are emulated by the PTX ISA fragment layouts, `cp.async` by its wait-group semantics over
+//! shared memory poisoned with NaN (tools/kernel-emu/README.md).
+//!
+//! Each case runs with the device's queue split (132 SMs); every third case also with one split
+//! (the whole 3-stage pipeline over many tiles), and every third with the gradient filter at
+//! θ = 0.99 (tiles really skipped), where each gradient row must stay within the documented bound.
+//! `FUSED_INFONCE_EMU_FULL=1` runs every configuration on every case.
+//!
+//! Needs bash and g++ with `_Float16` (GCC 12 or newer on x86-64); without them the test prints
+//! `skipped: …` and returns. The inputs are rounded to the dtype before the reference sees them, so
+//! the tolerance (1e-2 relative L2, as for f16/bf16 on a GPU) measures the kernels alone.
+
+use fused_infonce::{
+    bf16, cpu, f16, LossInputs, LossSpec, MatRef, Mode, Reduction, Temperature, Upstream,
+};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Why the emulator cannot be built here, if it cannot.
+fn missing_toolchain(dir: &Path) -> Option<String> {
+    for (tool, arg) in [("bash", "--version"), ("g++", "--version")] {
+        if Command::new(tool).arg(arg).output().is_err() {
+            return Some(format!("{tool} not found"));
+        }
+    }
+    let probe = dir.join("probe.cpp");
+    std::fs::write(
+        &probe,
+        "_Float16 h = (_Float16)1.5f; int main() { return (int)h - 1; }\n",
+    )
+    .unwrap();
+    let ok = Command::new("g++")
+        .args(["-std=c++17", "-o"])
+        .arg(dir.join("probe"))
+        .arg(&probe)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    (!ok).then(|| "g++ has no _Float16 (GCC 12 or newer on x86-64 needed)".to_string())
+}
+
+/// Rows uniform in ±sqrt(3/d) (norm ≈ 1), rounded to the dtype.
+fn rows(rng: &mut StdRng, r: usize, d: usize, dt: &str) -> Vec<f32> {
+    let s = (3.0 / d as f64).sqrt();
+    (0..r * d)
+        .map(|_| {
+            let x = (rng.random_range(-1.0..1.0) * s) as f32;
+            if dt == "f16" {
+                f16::from_f32(x).to_f32()
+            } else {
+                bf16::from_f32(x).to_f32()
+            }
+        })
+        .collect()
+}
+
+fn vec_line(s: &mut String, v: &[f64]) {
+    write!(s, "{}", v.len()).unwrap();
+    for x in v {
+        write!(s, " {x:e}").unwrap();
+    }
+    writeln!(s).unwrap();
+}
+
+/// Writes the cases (the format tools/kernel-emu/mma.cpp reads: spec line, matrices, targets,
+/// weights, then the reference's loss, LSE, column LSE, gradients and dτ) into `dir`.
+fn write_cases(dir: &Path, dt: &str) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut idx = 0u64;
+    for (mi, mode) in [Mode::Queue, Mode::InBatch, Mode::Cross, Mode::Symmetric]
+        .into_iter()
+        .enumerate()
+    {
+        let shapes: &[(usize, usize, usize)] = match mode {
+            Mode::Queue => &[
+                (5, 37, 64),
+                (70, 1100, 128),
+                (1, 0, 64),
+                (64, 128, 128),
+                (130, 200, 64),
+            ],
+            Mode::InBatch => &[(5, 0, 64), (40, 0, 128), (1, 0, 64), (33, 0, 64)],
+            Mode::Cross => &[
+                (5, 9, 64),
+                (70, 130, 128),
+                (1, 1, 64),
+                (3, 70, 64),
+                (65, 64, 128),
+            ],
+            Mode::Symmetric => &[(5, 0, 64), (70, 0, 128), (1, 0, 64), (65, 0, 64)],
+        };
+        for &(n, k, d) in shapes {
+            for (ti, t) in [Temperature::Fixed(0.1), Temperature::Learnable(0.07)]
+                .into_iter()
+                .enumerate()
+            {
+                for (ri, r) in [Reduction::Mean, Reduction::Sum, Reduction::None]
+                    .into_iter()
+                    .enumerate()
+                {
+                    if ri == 1 && ti == 0 {
+                        continue;
+                    }
+                    let spec = LossSpec::builder(mode)
+                        .temperature_scheme(t)
+                        .reduction(r)
+                        .build()
+                        .unwrap();
+                    let mut rng = StdRng::seed_from_u64(1000 + idx);
+                    let (a, b, c) = match mode {
+                        Mode::Queue => (
+                            rows(&mut rng, n, d, dt),
+                            rows(&mut rng, n, d, dt),
+                            rows(&mut rng, k, d, dt),
+                        ),
+                        Mode::InBatch => (rows(&mut rng, 2 * n, d, dt), vec![], vec![]),
+                        Mode::Cross => (rows(&mut rng, n, d, dt), rows(&mut rng, k, d, dt), vec![]),
+                        Mode::Symmetric => {
+                            (rows(&mut rng, n, d, dt), rows(&mut rng, n, d, dt), vec![])
+                        }
+                    };
+                    let targets: Option<Vec<i64>> = (mode == Mode::Cross
+                        && (idx % 2 == 0 || k < n))
+                        .then(|| (0..n).map(|_| rng.random_range(0..k as i64)).collect());
+                    let inputs = match mode {
+                        Mode::Queue => LossInputs::Queue {
+                            query: MatRef::new("query", &a, n, d).unwrap(),
+                            positive: MatRef::new("positive", &b, n, d).unwrap(),
+                            queue: MatRef::new("queue", &c, k, d).unwrap(),
+                        },
+                        Mode::InBatch => LossInputs::InBatch {
+                            embeddings: MatRef::new("embeddings", &a, 2 * n, d).unwrap(),
+                        },
+                        Mode::Cross => LossInputs::Cross {
+                            query: MatRef::new("query", &a, n, d).unwrap(),
+                            key: MatRef::new("key", &b, k, d).unwrap(),
+                            targets: targets.as_deref(),
+                        },
+                        Mode::Symmetric => LossInputs::Symmetric {
+                            query: MatRef::new("query", &a, n, d).unwrap(),
+                            key: MatRef::new("key", &b, n, d).unwrap(),
+                        },
+                    };
+                    let count = match mode {
+                        Mode::InBatch | Mode::Symmetric => 2 * n,
+                        _ => n,
+                    };
+                    let up = match r {
+                        Reduction::None => Upstream::PerAnchor(
+                            (0..count).map(|_| rng.random_range(0.1..1.0)).collect(),
+                        ),
+                        _ => Upstream::Scalar(0.75),
+                    };
+                    let out = cpu::evaluate(&spec, &inputs, &up).unwrap();
+                    let w = up.weights(&spec, count).unwrap();
+                    let (tau, learn) = match t {
+                        Temperature::Fixed(x) => (x, 0),
+                        Temperature::Learnable(x) => (x, 1),
+                        _ => unreachable!(),
+                    };
+                    let mut s = String::new();
+                    // mode variant has_lambda lambda temp_kind tau tau_min tau_max learnable
+                    // reduction normalize grad_queue
+                    writeln!(s, "{mi} 0 0 0 0 {tau} 0 0 {learn} {ri} 0 0").unwrap();
+                    let mats = inputs.matrices();
+                    writeln!(s, "{}", mats.len()).unwrap();
+                    for m in &mats {
+                        write!(s, "{} {}", m.rows(), m.cols()).unwrap();
+                        for x in m.data() {
+                            write!(s, " {x:e}").unwrap();
+                        }
+                        writeln!(s).unwrap();
+                    }
+                    let tv = targets.unwrap_or_default();
+                    write!(s, "{}", tv.len()).unwrap();
+                    for x in &tv {
+                        write!(s, " {x}").unwrap();
+                    }
+                    writeln!(s).unwrap();
+                    vec_line(&mut s, &w);
+                    vec_line(&mut s, &out.loss.values());
+                    vec_line(&mut s, &out.lse);
+                    match &out.lse_cols {
+                        Some(c) => {
+                            write!(s, "1 ").unwrap();
+                            vec_line(&mut s, c)
+                        }
+                        None => writeln!(s, "0").unwrap(),
+                    }
+                    writeln!(s, "{}", out.grads.len()).unwrap();
+                    for g in &out.grads {
+                        write!(s, "{} {} ", g.value.rows, g.value.cols).unwrap();
+                        vec_line(&mut s, &g.value.data);
+                    }
+                    match out.grad_temperature {
+                        Some(x) => writeln!(s, "1 {x:e}").unwrap(),
+                        None => writeln!(s, "0").unwrap(),
+                    }
+                    writeln!(s, "# {mode:?} {n} {k} {d} {spec:?}").unwrap();
+                    let f = dir.join(format!("{dt}-case{idx:03}.txt"));
+                    std::fs::write(&f, s).unwrap();
+                    files.push(f);
+                    idx += 1;
+                }
+            }
+        }
+    }
+    files
+}
+
+/// Runs one harness invocation; returns its output when it failed.
+fn run(bin: &Path, case: &Path, sms: u32, filter: Option<f64>) -> Option<String> {
+    let mut cmd = Command::new(bin);
+    cmd.arg(case).arg(sms.to_string());
+    if let Some(f) = filter {
+        cmd.env("EMU_FILTER", f.to_string());
+    }
+    let out = cmd.output().expect("run the emulator");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ok = out.status.success() && text.lines().any(|l| l.starts_with("ok "));
+    (!ok).then(|| {
+        format!(
+            "{} (SMS {sms}, filter {filter:?}): {}\n{text}",
+            case.display(),
+            out.status
+        )
+    })
+}
+
+#[test]
+fn tensor_core_kernels_on_the_emulator() {
+    let work = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("kernel-emu");
+    std::fs::create_dir_all(&work).unwrap();
+    if let Some(why) = missing_toolchain(&work) {
+        println!("skipped: {why}");
+        return;
+    }
+    let out_dir = work.join("bin");
+    let status = Command::new("bash")
+        .arg(root().join("tools/kernel-emu/build.sh"))
+        .env("ONLY", "mma")
+        .env("OUT", &out_dir)
+        .env("SRC", root().join("kernels"))
+        .status()
+        .expect("run tools/kernel-emu/build.sh");
+    assert!(status.success(), "tools/kernel-emu/build.sh failed");
+
+    let full = std::env::var_os("FUSED_INFONCE_EMU_FULL").is_some();
+    let mut failures = Vec::new();
+    let mut runs = 0;
+    for dt in ["f16", "bf16"] {
+        let cases = work.join(format!("cases-{dt}"));
+        let _ = std::fs::remove_dir_all(&cases);
+        std::fs::create_dir_all(&cases).unwrap();
+        let files = write_cases(&cases, dt);
+        assert_eq!(files.len(), 90, "case count");
+        let bin = out_dir.join(format!("mma_{dt}"));
+        // Two harness processes at a time (the emulator is single-threaded).
+        let jobs: Vec<(usize, u32, Option<f64>)> = (0..files.len())
+            .flat_map(|i| {
+                let mut v = vec![(i, 132, None)];
+                if full || i % 3 == 0 {
+                    v.push((i, 1, None));
+                }
+                if full || i % 3 == 1 {
+                    v.push((i, 7, Some(0.99)));
+                }
+                if full {
+                    v.push((i, 132, Some(2f64.powi(-12))));
+                }
+                v
+            })
+            .collect();
+        runs += jobs.len();
+        let (a, b) = jobs.split_at(jobs.len() / 2);
+        let results: Vec<String> = std::thread::scope(|s| {
+            let hs: Vec<_> = [a, b]
+                .into_iter()
+                .map(|part| {
+                    let (bin, files) = (&bin, &files);
+                    s.spawn(move || {
+                        part.iter()
+                            .filter_map(|&(i, sms, f)| run(bin, &files[i], sms, f))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
+        });
+        failures.extend(results);
+    }
+    println!(
+        "{runs} emulated runs of the tensor-core kernels, {} failed",
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} emulated runs failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
