@@ -16,13 +16,15 @@
 //! the tolerance (1e-2 relative L2, as for f16/bf16 on a GPU) measures the kernels alone.
 
 use fused_infonce::{
-    bf16, cpu, f16, LossInputs, LossSpec, MatRef, Mode, Reduction, Temperature, Upstream,
+    bf16, cpu, f16, DystressGrad, LossInputs, LossOutput, LossSpec, MatRef, Mode, Reduction,
+    Temperature, Upstream, Variant,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -72,6 +74,59 @@ fn vec_line(s: &mut String, v: &[f64]) {
         write!(s, " {x:e}").unwrap();
     }
     writeln!(s).unwrap();
+}
+
+/// One case in the format of tools/kernel-emu's harnesses: `head` (mode, variant, has_lambda,
+/// lambda, temperature kind, τ, τ_min, τ_max, learnable, reduction, normalize, grad_queue), the
+/// input matrices, targets, per-anchor weights, then the reference's loss, LSE, column LSE,
+/// gradients and dτ, and a comment naming the case.
+fn case_text(
+    head: &str,
+    inputs: &LossInputs<'_, f32>,
+    targets: Option<&[i64]>,
+    w: &[f64],
+    out: &LossOutput,
+    spec: &LossSpec,
+    (n, k, d): (usize, usize, usize),
+) -> String {
+    let mut s = String::new();
+    writeln!(s, "{head}").unwrap();
+    let mats = inputs.matrices();
+    writeln!(s, "{}", mats.len()).unwrap();
+    for m in &mats {
+        write!(s, "{} {}", m.rows(), m.cols()).unwrap();
+        for x in m.data() {
+            write!(s, " {x:e}").unwrap();
+        }
+        writeln!(s).unwrap();
+    }
+    let tv = targets.unwrap_or_default();
+    write!(s, "{}", tv.len()).unwrap();
+    for x in tv {
+        write!(s, " {x}").unwrap();
+    }
+    writeln!(s).unwrap();
+    vec_line(&mut s, w);
+    vec_line(&mut s, &out.loss.values());
+    vec_line(&mut s, &out.lse);
+    match &out.lse_cols {
+        Some(c) => {
+            write!(s, "1 ").unwrap();
+            vec_line(&mut s, c)
+        }
+        None => writeln!(s, "0").unwrap(),
+    }
+    writeln!(s, "{}", out.grads.len()).unwrap();
+    for g in &out.grads {
+        write!(s, "{} {} ", g.value.rows, g.value.cols).unwrap();
+        vec_line(&mut s, &g.value.data);
+    }
+    match out.grad_temperature {
+        Some(x) => writeln!(s, "1 {x:e}").unwrap(),
+        None => writeln!(s, "0").unwrap(),
+    }
+    writeln!(s, "# {:?} {n} {k} {d} {spec:?}", spec.mode()).unwrap();
+    s
 }
 
 /// Writes the cases (the format tools/kernel-emu/mma.cpp reads: spec line, matrices, targets,
@@ -170,45 +225,16 @@ fn write_cases(dir: &Path, dt: &str) -> Vec<PathBuf> {
                         Temperature::Learnable(x) => (x, 1),
                         _ => unreachable!(),
                     };
-                    let mut s = String::new();
-                    // mode variant has_lambda lambda temp_kind tau tau_min tau_max learnable
-                    // reduction normalize grad_queue
-                    writeln!(s, "{mi} 0 0 0 0 {tau} 0 0 {learn} {ri} 0 0").unwrap();
-                    let mats = inputs.matrices();
-                    writeln!(s, "{}", mats.len()).unwrap();
-                    for m in &mats {
-                        write!(s, "{} {}", m.rows(), m.cols()).unwrap();
-                        for x in m.data() {
-                            write!(s, " {x:e}").unwrap();
-                        }
-                        writeln!(s).unwrap();
-                    }
-                    let tv = targets.unwrap_or_default();
-                    write!(s, "{}", tv.len()).unwrap();
-                    for x in &tv {
-                        write!(s, " {x}").unwrap();
-                    }
-                    writeln!(s).unwrap();
-                    vec_line(&mut s, &w);
-                    vec_line(&mut s, &out.loss.values());
-                    vec_line(&mut s, &out.lse);
-                    match &out.lse_cols {
-                        Some(c) => {
-                            write!(s, "1 ").unwrap();
-                            vec_line(&mut s, c)
-                        }
-                        None => writeln!(s, "0").unwrap(),
-                    }
-                    writeln!(s, "{}", out.grads.len()).unwrap();
-                    for g in &out.grads {
-                        write!(s, "{} {} ", g.value.rows, g.value.cols).unwrap();
-                        vec_line(&mut s, &g.value.data);
-                    }
-                    match out.grad_temperature {
-                        Some(x) => writeln!(s, "1 {x:e}").unwrap(),
-                        None => writeln!(s, "0").unwrap(),
-                    }
-                    writeln!(s, "# {mode:?} {n} {k} {d} {spec:?}").unwrap();
+                    let head = format!("{mi} 0 0 0 0 {tau} 0 0 {learn} {ri} 0 0");
+                    let s = case_text(
+                        &head,
+                        &inputs,
+                        targets.as_deref(),
+                        &w,
+                        &out,
+                        &spec,
+                        (n, k, d),
+                    );
                     let f = dir.join(format!("{dt}-case{idx:03}.txt"));
                     std::fs::write(&f, s).unwrap();
                     files.push(f);
@@ -218,6 +244,45 @@ fn write_cases(dir: &Path, dt: &str) -> Vec<PathBuf> {
         }
     }
     files
+}
+
+/// Builds the emulator's harnesses once per test binary (tools/kernel-emu/build.sh):
+/// `(work dir, binaries dir)`, or why it cannot be built here.
+fn emulator() -> Result<(PathBuf, PathBuf), String> {
+    static BUILT: OnceLock<Result<(PathBuf, PathBuf), String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let work = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("kernel-emu");
+            std::fs::create_dir_all(&work).unwrap();
+            if let Some(why) = missing_toolchain(&work) {
+                return Err(why);
+            }
+            let out_dir = work.join("bin");
+            let status = Command::new("bash")
+                .arg(root().join("tools/kernel-emu/build.sh"))
+                .env("OUT", &out_dir)
+                .env("SRC", root().join("kernels"))
+                .status()
+                .expect("run tools/kernel-emu/build.sh");
+            assert!(status.success(), "tools/kernel-emu/build.sh failed");
+            Ok((work, out_dir))
+        })
+        .clone()
+}
+
+/// Runs `jobs` on two threads (the emulator is single-threaded); the failures' descriptions.
+fn run_parallel<J: Sync>(jobs: &[J], run: impl Fn(&J) -> Option<String> + Sync) -> Vec<String> {
+    let (a, b) = jobs.split_at(jobs.len() / 2);
+    std::thread::scope(|s| {
+        let hs: Vec<_> = [a, b]
+            .into_iter()
+            .map(|part| {
+                let run = &run;
+                s.spawn(move || part.iter().filter_map(run).collect::<Vec<_>>())
+            })
+            .collect();
+        hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    })
 }
 
 /// Runs one harness invocation; returns its output when it failed.
@@ -245,22 +310,13 @@ fn run(bin: &Path, case: &Path, sms: u32, filter: Option<f64>) -> Option<String>
 
 #[test]
 fn tensor_core_kernels_on_the_emulator() {
-    let work = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("kernel-emu");
-    std::fs::create_dir_all(&work).unwrap();
-    if let Some(why) = missing_toolchain(&work) {
-        println!("skipped: {why}");
-        return;
-    }
-    let out_dir = work.join("bin");
-    let status = Command::new("bash")
-        .arg(root().join("tools/kernel-emu/build.sh"))
-        .env("ONLY", "mma")
-        .env("OUT", &out_dir)
-        .env("SRC", root().join("kernels"))
-        .status()
-        .expect("run tools/kernel-emu/build.sh");
-    assert!(status.success(), "tools/kernel-emu/build.sh failed");
-
+    let (work, out_dir) = match emulator() {
+        Ok(x) => x,
+        Err(why) => {
+            println!("skipped: {why}");
+            return;
+        }
+    };
     let full = std::env::var_os("FUSED_INFONCE_EMU_FULL").is_some();
     let mut failures = Vec::new();
     let mut runs = 0;
@@ -288,25 +344,269 @@ fn tensor_core_kernels_on_the_emulator() {
             })
             .collect();
         runs += jobs.len();
-        let (a, b) = jobs.split_at(jobs.len() / 2);
-        let results: Vec<String> = std::thread::scope(|s| {
-            let hs: Vec<_> = [a, b]
-                .into_iter()
-                .map(|part| {
-                    let (bin, files) = (&bin, &files);
-                    s.spawn(move || {
-                        part.iter()
-                            .filter_map(|&(i, sms, f)| run(bin, &files[i], sms, f))
-                            .collect::<Vec<_>>()
-                    })
-                })
-                .collect();
-            hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
-        });
+        let results = run_parallel(&jobs, |&(i, sms, f)| run(&bin, &files[i], sms, f));
         failures.extend(results);
     }
     println!(
         "{runs} emulated runs of the tensor-core kernels, {} failed",
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} emulated runs failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+/// The v1 cases: every mode × temperature kind (fixed, learnable, DySTreSS detach and full) ×
+/// variant (standard, decoupled, simple with and without λ) × reduction × normalisation on the
+/// first shape of each mode, a sample of those on two more (tile remainders, a 1100-key queue,
+/// N = 1, K = 0, D = 2…40), the queue's gradient when normalising; f32 inputs.
+fn write_v1_cases(dir: &Path) -> Vec<PathBuf> {
+    let temps = [
+        Temperature::Fixed(0.1),
+        Temperature::Learnable(0.2),
+        Temperature::Dystress {
+            tau_min: 0.1,
+            tau_max: 0.2,
+            grad: DystressGrad::Detach,
+        },
+        Temperature::Dystress {
+            tau_min: 0.07,
+            tau_max: 0.2,
+            grad: DystressGrad::Full,
+        },
+    ];
+    let variants = [
+        Variant::Standard,
+        Variant::Decoupled,
+        Variant::Simple {
+            lambda: None,
+            hard_k: None,
+        },
+        Variant::Simple {
+            lambda: Some(0.5),
+            hard_k: None,
+        },
+    ];
+    let unit = |rng: &mut StdRng, r: usize, d: usize| -> Vec<f32> {
+        let s = (3.0 / d as f64).sqrt();
+        (0..r * d)
+            .map(|_| (rng.random_range(-1.0..1.0) * s) as f32)
+            .collect()
+    };
+    let mut files = Vec::new();
+    let mut idx = 0u64;
+    for (mi, mode) in [Mode::Queue, Mode::InBatch, Mode::Cross, Mode::Symmetric]
+        .into_iter()
+        .enumerate()
+    {
+        let shapes: &[(usize, usize, usize)] = match mode {
+            Mode::Queue => &[(5, 37, 33), (3, 1100, 7), (1, 0, 3)],
+            Mode::InBatch => &[(5, 0, 33), (17, 0, 40), (1, 0, 2)],
+            Mode::Cross => &[(5, 9, 33), (17, 40, 3), (1, 1, 5)],
+            Mode::Symmetric => &[(5, 0, 33), (20, 0, 35), (1, 0, 4)],
+        };
+        for (si, &(n, k, d)) in shapes.iter().enumerate() {
+            for (ti, t) in temps.iter().enumerate() {
+                for (vi, v) in variants.iter().enumerate() {
+                    for (ri, r) in [Reduction::Mean, Reduction::Sum, Reduction::None]
+                        .into_iter()
+                        .enumerate()
+                    {
+                        for norm in [false, true] {
+                            if si > 0 && (ri != 2 || (ti + vi) % 2 == 1) {
+                                continue;
+                            }
+                            let spec = LossSpec::builder(mode)
+                                .temperature_scheme(*t)
+                                .variant(*v)
+                                .reduction(r)
+                                .normalize(norm)
+                                .grad_queue(mode == Mode::Queue && norm)
+                                .build()
+                                .unwrap();
+                            let mut rng = StdRng::seed_from_u64(idx);
+                            let (a, b, c) = match mode {
+                                Mode::Queue => (
+                                    unit(&mut rng, n, d),
+                                    unit(&mut rng, n, d),
+                                    unit(&mut rng, k, d),
+                                ),
+                                Mode::InBatch => (unit(&mut rng, 2 * n, d), vec![], vec![]),
+                                Mode::Cross => (unit(&mut rng, n, d), unit(&mut rng, k, d), vec![]),
+                                Mode::Symmetric => {
+                                    (unit(&mut rng, n, d), unit(&mut rng, n, d), vec![])
+                                }
+                            };
+                            let targets: Option<Vec<i64>> = (mode == Mode::Cross && idx % 2 == 0)
+                                .then(|| (0..n).map(|_| rng.random_range(0..k as i64)).collect());
+                            let inputs = match mode {
+                                Mode::Queue => LossInputs::Queue {
+                                    query: MatRef::new("query", &a, n, d).unwrap(),
+                                    positive: MatRef::new("positive", &b, n, d).unwrap(),
+                                    queue: MatRef::new("queue", &c, k, d).unwrap(),
+                                },
+                                Mode::InBatch => LossInputs::InBatch {
+                                    embeddings: MatRef::new("embeddings", &a, 2 * n, d).unwrap(),
+                                },
+                                Mode::Cross => LossInputs::Cross {
+                                    query: MatRef::new("query", &a, n, d).unwrap(),
+                                    key: MatRef::new("key", &b, k, d).unwrap(),
+                                    targets: targets.as_deref(),
+                                },
+                                Mode::Symmetric => LossInputs::Symmetric {
+                                    query: MatRef::new("query", &a, n, d).unwrap(),
+                                    key: MatRef::new("key", &b, n, d).unwrap(),
+                                },
+                            };
+                            let count = match mode {
+                                Mode::InBatch | Mode::Symmetric => 2 * n,
+                                _ => n,
+                            };
+                            let up = match r {
+                                Reduction::None => Upstream::PerAnchor(
+                                    (0..count).map(|_| rng.random_range(0.1..1.0)).collect(),
+                                ),
+                                _ => Upstream::Scalar(0.75),
+                            };
+                            // Combinations the reference refuses (e.g. decoupled with one
+                            // candidate) have no case.
+                            let Ok(out) = cpu::evaluate(&spec, &inputs, &up) else {
+                                continue;
+                            };
+                            let w = up.weights(&spec, count).unwrap();
+                            let (tk, tau, tmin, tmax, learn) = match *t {
+                                Temperature::Fixed(x) => (0, x, 0.0, 0.0, 0),
+                                Temperature::Learnable(x) => (0, x, 0.0, 0.0, 1),
+                                Temperature::Dystress {
+                                    tau_min,
+                                    tau_max,
+                                    grad,
+                                } => (
+                                    if grad == DystressGrad::Detach { 1 } else { 2 },
+                                    tau_min,
+                                    tau_min,
+                                    tau_max,
+                                    0,
+                                ),
+                            };
+                            let (var, hl, lam) = match *v {
+                                Variant::Standard => (0, 0, 0.0),
+                                Variant::Decoupled => (1, 0, 0.0),
+                                Variant::Simple { lambda, .. } => {
+                                    (2, lambda.is_some() as i32, lambda.unwrap_or(0.0))
+                                }
+                                _ => unreachable!(),
+                            };
+                            let head = format!(
+                                "{mi} {var} {hl} {lam} {tk} {tau} {tmin} {tmax} {learn} {ri} {} {}",
+                                norm as i32,
+                                spec.grad_queue() as i32
+                            );
+                            let s = case_text(
+                                &head,
+                                &inputs,
+                                targets.as_deref(),
+                                &w,
+                                &out,
+                                &spec,
+                                (n, k, d),
+                            );
+                            let f = dir.join(format!("v1-case{idx:04}.txt"));
+                            std::fs::write(&f, s).unwrap();
+                            files.push(f);
+                            idx += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    files
+}
+
+/// The v1 loss kernels (`normalize_fwd`, `infonce_rows/merge/cols/finish/reduce`, launched as
+/// `kernels_v1::evaluate` does, the queue in a wrapped ring) on the emulator: f32 within 1e-5 of
+/// the f64 reference on every case; on every fourth case the f16 and bf16 builds must give
+/// bitwise the f32 build's outputs on the same dtype-rounded inputs (accumulation is f32 in all
+/// three; `loss_<dt>` also checks the input-dtype gradient store).
+#[test]
+fn v1_kernels_on_the_emulator() {
+    let (work, bin) = match emulator() {
+        Ok(x) => x,
+        Err(why) => {
+            println!("skipped: {why}");
+            return;
+        }
+    };
+    let cases = work.join("cases-v1");
+    let _ = std::fs::remove_dir_all(&cases);
+    std::fs::create_dir_all(&cases).unwrap();
+    let files = write_v1_cases(&cases);
+    assert!(files.len() > 400, "only {} v1 cases", files.len());
+    let jobs: Vec<(usize, &str)> = (0..files.len())
+        .flat_map(|i| {
+            let mut v = vec![(i, "f32")];
+            if i % 4 == 0 {
+                v.extend([(i, "f16"), (i, "bf16")]);
+            }
+            v
+        })
+        .collect();
+    let output = |cmd: &mut Command| {
+        let o = cmd.output().expect("run the emulator");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        (o.status.success(), text)
+    };
+    let failures = run_parallel(&jobs, |&(i, dt)| {
+        let f = &files[i];
+        if dt == "f32" {
+            let (ok, text) = output(Command::new(bin.join("loss")).arg(f));
+            return (!ok || !text.contains("ok ")).then(|| format!("{}: {text}", f.display()));
+        }
+        let (a, b) = (f.with_extension(dt), f.with_extension(format!("{dt}.ref")));
+        let (ok, text) = output(
+            Command::new(bin.join(format!("loss_{dt}")))
+                .arg(f)
+                .env("EMU_TOL", "1")
+                .env("EMU_DUMP", &a),
+        );
+        if !ok {
+            return Some(format!("{} ({dt}): {text}", f.display()));
+        }
+        let (ok, text) = output(
+            Command::new(bin.join("loss"))
+                .arg(f)
+                .env("EMU_TOL", "1")
+                .env("EMU_ROUND", dt)
+                .env("EMU_DUMP", &b),
+        );
+        if !ok {
+            return Some(format!(
+                "{} (f32 on {dt}-rounded inputs): {text}",
+                f.display()
+            ));
+        }
+        let (x, y) = (std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+        (x.is_empty() || x != y).then(|| {
+            format!(
+                "{}: the {dt} build differs from the f32 build on the same inputs ({} vs {})",
+                f.display(),
+                a.display(),
+                b.display()
+            )
+        })
+    });
+    println!(
+        "{} emulated runs of the v1 kernels over {} cases, {} failed",
+        jobs.len(),
+        files.len(),
         failures.len()
     );
     assert!(
