@@ -252,6 +252,15 @@ fn emulator() -> Result<(PathBuf, PathBuf), String> {
     static BUILT: OnceLock<Result<(PathBuf, PathBuf), String>> = OnceLock::new();
     BUILT
         .get_or_init(|| {
+            // The sources at their build-time path (a test binary copied elsewhere, e.g. to the
+            // GPU machine by scripts/gpu-bundle, has none: it skips).
+            let script = root().join("tools/kernel-emu/build.sh");
+            if !script.is_file() || !root().join("kernels/infonce_mma.cu").is_file() {
+                return Err(format!(
+                    "the emulator's sources are not at {}",
+                    root().display()
+                ));
+            }
             let work = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("kernel-emu");
             std::fs::create_dir_all(&work).unwrap();
             if let Some(why) = missing_toolchain(&work) {
@@ -259,7 +268,7 @@ fn emulator() -> Result<(PathBuf, PathBuf), String> {
             }
             let out_dir = work.join("bin");
             let status = Command::new("bash")
-                .arg(root().join("tools/kernel-emu/build.sh"))
+                .arg(&script)
                 .env("OUT", &out_dir)
                 .env("SRC", root().join("kernels"))
                 .status()

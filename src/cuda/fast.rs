@@ -25,6 +25,11 @@
 //! modes' gradient pass a warp skips a tile holding no positive where every weight (`P`, and the
 //! column loss's `P'`) is below θ: `‖Δdx_r‖ ≤ α·θ·Σ_(c skipped) (w_r + w_c)‖y_c‖`
 //! ([`pair_filter_bound`]); the loss, LSE and dτ stay exact.
+//!
+//! Determinism: queue mode is bitwise reproducible (every sum runs in a fixed order). The pair
+//! modes' gradients and dτ add f32 partials across column splits and warps with atomics, so they
+//! can differ in the last bits from run to run (loss and LSE do not); the v1 kernels
+//! ([`KernelPath::Simple`], and today [`KernelPath::Auto`]) are deterministic.
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 

@@ -80,8 +80,10 @@ pub enum DeviceInputs<'a, T: DeviceElement> {
 /// Which kernels compute the loss.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum KernelPath {
-    /// The fastest available kernels for the dtype and device (tensor cores for f16/bf16 where
-    /// they exist, else the v1 kernels).
+    /// The kernels this crate recommends for the dtype and device. Today that is the v1 kernels
+    /// for every input: the tensor-core kernels become Auto's choice for f16/bf16 once a GPU
+    /// report shows them passing the parity grid (README, "Status"); ask for them with
+    /// [`KernelPath::TensorCore`].
     #[default]
     Auto,
     /// The simple v1 kernels (CUDA cores, f32 accumulation): the baseline.
