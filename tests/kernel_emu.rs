@@ -625,3 +625,31 @@ fn v1_kernels_on_the_emulator() {
         failures.join("\n")
     );
 }
+
+/// The selection (hard:k) and metrics kernels on the emulator with their own generated inputs
+/// (tools/kernel-emu/sel.cpp: every skip mode, ties, k = 1 … k ≥ #negatives, bit-exact against a
+/// host sort; met.cpp: uniformity, tolerance, penalty histogram and effective negatives against
+/// their f64 definitions), in f32, f16 and bf16.
+#[test]
+fn selection_and_metrics_kernels_on_the_emulator() {
+    let (_, bin) = match emulator() {
+        Ok(x) => x,
+        Err(why) => {
+            println!("skipped: {why}");
+            return;
+        }
+    };
+    let failures = run_parallel(&["sel", "met"], |name| {
+        let o = Command::new(bin.join(name))
+            .output()
+            .expect("run the emulator");
+        let text = String::from_utf8_lossy(&o.stdout);
+        let last = text.lines().last().unwrap_or("").to_string();
+        println!("{name}: {last}");
+        (!o.status.success() || !last.ends_with(" 0 failures")).then(|| {
+            let bad: Vec<&str> = text.lines().filter(|l| !l.starts_with("ok")).collect();
+            format!("{name} failed: {}", bad.join("\n"))
+        })
+    });
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
