@@ -538,7 +538,8 @@ fn write_v1_cases(dir: &Path) -> Vec<PathBuf> {
 
 /// The v1 loss kernels (`normalize_fwd`, `infonce_rows/merge/cols/finish/reduce`, launched as
 /// `kernels_v1::evaluate` does, the queue in a wrapped ring) on the emulator: f32 within 1e-5 of
-/// the f64 reference on every case; on every fourth case the f16 and bf16 builds must give
+/// the f64 reference on every case; the unfused baseline's kernels (`unfused_ce_rows` and its
+/// helpers, host GEMMs standing in for cuBLAS) within 2e-5 on the cases it supports; on every fourth case the f16 and bf16 builds must give
 /// bitwise the f32 build's outputs on the same dtype-rounded inputs (accumulation is f32 in all
 /// three; `loss_<dt>` also checks the input-dtype gradient store).
 #[test]
@@ -557,7 +558,7 @@ fn v1_kernels_on_the_emulator() {
     assert!(files.len() > 400, "only {} v1 cases", files.len());
     let jobs: Vec<(usize, &str)> = (0..files.len())
         .flat_map(|i| {
-            let mut v = vec![(i, "f32")];
+            let mut v = vec![(i, "f32"), (i, "unf")];
             if i % 4 == 0 {
                 v.extend([(i, "f16"), (i, "bf16")]);
             }
@@ -578,6 +579,12 @@ fn v1_kernels_on_the_emulator() {
         if dt == "f32" {
             let (ok, text) = output(Command::new(bin.join("loss")).arg(f));
             return (!ok || !text.contains("ok ")).then(|| format!("{}: {text}", f.display()));
+        }
+        if dt == "unf" {
+            // The unfused baseline's kernels (standard variant, fixed/learnable τ; others skip).
+            let (ok, text) = output(Command::new(bin.join("unf")).arg(f));
+            let done = text.starts_with("ok ") || text.starts_with("skip ");
+            return (!ok || !done).then(|| format!("{} (unfused): {text}", f.display()));
         }
         let (a, b) = (f.with_extension(dt), f.with_extension(format!("{dt}.ref")));
         let (ok, text) = output(
