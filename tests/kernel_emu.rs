@@ -660,3 +660,154 @@ fn selection_and_metrics_kernels_on_the_emulator() {
     });
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// hard:k cases (Wang & Liu eq. 9: `Hard { k }`, and `Simple { hard_k }`) in every mode, with and
+/// without normalisation, k = 1, 3, 4, 7 and k ≥ #negatives; learnable τ, queue gradient on.
+fn write_hard_cases(dir: &Path) -> Vec<PathBuf> {
+    let unit = |rng: &mut StdRng, r: usize, d: usize| -> Vec<f32> {
+        let s = (3.0 / d as f64).sqrt();
+        (0..r * d)
+            .map(|_| (rng.random_range(-1.0..1.0) * s) as f32)
+            .collect()
+    };
+    let mut files = Vec::new();
+    let mut idx = 0u64;
+    for (mi, mode) in [Mode::Queue, Mode::InBatch, Mode::Cross, Mode::Symmetric]
+        .into_iter()
+        .enumerate()
+    {
+        let (n, kk, d) = match mode {
+            Mode::Queue => (5, 40, 9),
+            Mode::InBatch => (9, 0, 9),
+            Mode::Cross => (18, 30, 9),
+            Mode::Symmetric => (18, 0, 9),
+        };
+        for norm in [false, true] {
+            for v in [
+                Variant::Hard { k: 3 },
+                Variant::Simple {
+                    lambda: None,
+                    hard_k: Some(4),
+                },
+                Variant::Hard { k: 7 },
+                Variant::Hard { k: 1 },
+                Variant::Hard { k: 200 },
+            ] {
+                for r in [Reduction::Mean, Reduction::None] {
+                    let spec = LossSpec::builder(mode)
+                        .learnable_temperature(0.2)
+                        .variant(v)
+                        .reduction(r)
+                        .grad_queue(mode == Mode::Queue)
+                        .normalize(norm)
+                        .build()
+                        .unwrap();
+                    let mut rng = StdRng::seed_from_u64(1000 + idx);
+                    let (a, b, c) = match mode {
+                        Mode::Queue => (
+                            unit(&mut rng, n, d),
+                            unit(&mut rng, n, d),
+                            unit(&mut rng, kk, d),
+                        ),
+                        Mode::InBatch => (unit(&mut rng, 2 * n, d), vec![], vec![]),
+                        Mode::Cross => (unit(&mut rng, n, d), unit(&mut rng, kk, d), vec![]),
+                        Mode::Symmetric => (unit(&mut rng, n, d), unit(&mut rng, n, d), vec![]),
+                    };
+                    let targets: Option<Vec<i64>> = (mode == Mode::Cross)
+                        .then(|| (0..n).map(|_| rng.random_range(0..kk as i64)).collect());
+                    let inputs = match mode {
+                        Mode::Queue => LossInputs::Queue {
+                            query: MatRef::new("query", &a, n, d).unwrap(),
+                            positive: MatRef::new("positive", &b, n, d).unwrap(),
+                            queue: MatRef::new("queue", &c, kk, d).unwrap(),
+                        },
+                        Mode::InBatch => LossInputs::InBatch {
+                            embeddings: MatRef::new("embeddings", &a, 2 * n, d).unwrap(),
+                        },
+                        Mode::Cross => LossInputs::Cross {
+                            query: MatRef::new("query", &a, n, d).unwrap(),
+                            key: MatRef::new("key", &b, kk, d).unwrap(),
+                            targets: targets.as_deref(),
+                        },
+                        Mode::Symmetric => LossInputs::Symmetric {
+                            query: MatRef::new("query", &a, n, d).unwrap(),
+                            key: MatRef::new("key", &b, n, d).unwrap(),
+                        },
+                    };
+                    let count = match mode {
+                        Mode::InBatch | Mode::Symmetric => 2 * n,
+                        _ => n,
+                    };
+                    let up = match r {
+                        Reduction::None => Upstream::PerAnchor(
+                            (0..count).map(|_| rng.random_range(0.1..1.0)).collect(),
+                        ),
+                        _ => Upstream::Scalar(0.75),
+                    };
+                    let out = cpu::evaluate(&spec, &inputs, &up).unwrap();
+                    let w = up.weights(&spec, count).unwrap();
+                    // The harness reads k from the comment line ("Hard { k: …" / "hard_k: Some(…").
+                    let var = if matches!(v, Variant::Simple { .. }) {
+                        2
+                    } else {
+                        0
+                    };
+                    let head = format!(
+                        "{mi} {var} 0 0 0 0.2 0 0 1 {} {} {}",
+                        if r == Reduction::None { 2 } else { 0 },
+                        norm as i32,
+                        (mode == Mode::Queue) as i32
+                    );
+                    let s = case_text(
+                        &head,
+                        &inputs,
+                        targets.as_deref(),
+                        &w,
+                        &out,
+                        &spec,
+                        (n, kk, d),
+                    );
+                    let f = dir.join(format!("hard-case{idx:03}.txt"));
+                    std::fs::write(&f, s).unwrap();
+                    files.push(f);
+                    idx += 1;
+                }
+            }
+        }
+    }
+    files
+}
+
+/// hard:k on the v1 kernels: the thresholds from `select_kth_f32` run on the rows the loss
+/// kernels read (EMU_SELECT=1), then the loss kernels with the threshold hook, against the f64
+/// reference within 1e-5 (80 cases).
+#[test]
+fn hard_k_on_the_emulator() {
+    let (work, bin) = match emulator() {
+        Ok(x) => x,
+        Err(why) => {
+            println!("skipped: {why}");
+            return;
+        }
+    };
+    let cases = work.join("cases-hard");
+    let _ = std::fs::remove_dir_all(&cases);
+    std::fs::create_dir_all(&cases).unwrap();
+    let files = write_hard_cases(&cases);
+    assert_eq!(files.len(), 80, "hard:k case count");
+    let failures = run_parallel(&files, |f| {
+        let o = Command::new(bin.join("loss"))
+            .arg(f)
+            .env("EMU_SELECT", "1")
+            .output()
+            .expect("run the emulator");
+        let text = String::from_utf8_lossy(&o.stdout).to_string();
+        (!o.status.success() || !text.contains("ok ")).then(|| format!("{}: {text}", f.display()))
+    });
+    println!(
+        "{} emulated hard:k runs, {} failed",
+        files.len(),
+        failures.len()
+    );
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
