@@ -14,7 +14,7 @@ sed -i 's/extern __shared__ float warp_bins\[\];/static float warp_bins[8 * 1024
 # The tensor-core kernels' dynamic shared memory -> emu_mma.h's checked array.
 sed -i 's/extern __shared__ __align__(128) unsigned char smem\[\];/unsigned char* const smem = emu_dyn_smem;/' "$OUT/shim/infonce_mma.cu"
 grep -q 'emu_dyn_smem' "$OUT/shim/infonce_mma.cu" || { echo "build.sh: the smem declaration of infonce_mma.cu changed" >&2; exit 1; }
-CXX="g++ -O1 -std=c++17 -pthread -I$HERE -I$OUT"
+CXX="g++ -O1 -std=c++17 -pthread -U_FORTIFY_SOURCE -I$HERE -I$OUT"
 printf '#include "emu.h"\n#include "shim/infonce_mma.cu"\n' > "$OUT/obj/tu_mma.cpp"
 pids=()
 for dt in f16 bf16; do
