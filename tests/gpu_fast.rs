@@ -434,3 +434,115 @@ fn sass_contains_hmma() {
     assert!(hmma > 0, "no HMMA in the tensor-core module's SASS");
     assert!(ldsm > 0 && ldgsts > 0, "no ldmatrix / cp.async in the SASS");
 }
+
+/// Normalisation on the tensor-core path (kernels/normalize.cu composed with the loss kernels):
+/// rows with norms from 0.3 to 3 in queue, inbatch, cross (targets) and symmetric (learnable τ)
+/// modes, against the reference with `normalize` on.
+#[test]
+fn normalized_inputs_on_tensor_cores() {
+    let Some(gpu) = gpu_or_skip("gpu_fast normalized_inputs") else {
+        return;
+    };
+    let rows = |seed: u64, r: usize, d: usize| -> Vec<bf16> {
+        let u = unit_rows::<f32>(seed, r, d);
+        (0..r * d)
+            .map(|i| bf16::from_f32(u[i] * (0.3 + 2.7 * ((i / d * 7919) % 101) as f32 / 100.0)))
+            .collect()
+    };
+    let check =
+        |what: &str, spec: LossSpec, hi: LossInputs<'_, bf16>, di: DeviceInputs<'_, bf16>| {
+            let want = cpu::evaluate(&spec, &hi, &Upstream::One).unwrap();
+            let got = run_tc(&gpu, &spec, &di, &Upstream::One, &DeviceOptions::default());
+            assert_close(what, &got, &want, TOL);
+        };
+
+    let (n, k, d) = (70, 300, 64);
+    let (q, p, m) = (rows(61, n, d), rows(62, n, d), rows(63, k, d));
+    let (dq, dp, dm) = (
+        up(&gpu, "query", &q, n, d),
+        up(&gpu, "positive", &p, n, d),
+        up(&gpu, "queue", &m, k, d),
+    );
+    check(
+        "normalized queue",
+        LossSpec::queue()
+            .temperature(0.1)
+            .normalize(true)
+            .build()
+            .unwrap(),
+        LossInputs::Queue {
+            query: mat("query", &q, n, d),
+            positive: mat("positive", &p, n, d),
+            queue: mat("queue", &m, k, d),
+        },
+        DeviceInputs::Queue {
+            query: &dq,
+            positive: &dp,
+            queue: QueueView {
+                keys: &dm,
+                start: 0,
+                len: k,
+            },
+        },
+    );
+
+    let (r, d) = (80, 128);
+    let e = rows(64, r, d);
+    let de = up(&gpu, "embeddings", &e, r, d);
+    check(
+        "normalized inbatch",
+        LossSpec::inbatch()
+            .temperature(0.1)
+            .normalize(true)
+            .build()
+            .unwrap(),
+        LossInputs::InBatch {
+            embeddings: mat("embeddings", &e, r, d),
+        },
+        DeviceInputs::InBatch { embeddings: &de },
+    );
+
+    let (n, m, d) = (33, 90, 64);
+    let (a, b) = (rows(65, n, d), rows(66, m, d));
+    let (da, db) = (up(&gpu, "query", &a, n, d), up(&gpu, "key", &b, m, d));
+    let t: Vec<i64> = (0..n as i64).map(|i| (i * 7 + 3) % m as i64).collect();
+    let dt = gpu.stream().clone_htod(&t).unwrap();
+    check(
+        "normalized cross",
+        LossSpec::cross()
+            .temperature(0.2)
+            .normalize(true)
+            .build()
+            .unwrap(),
+        LossInputs::Cross {
+            query: mat("query", &a, n, d),
+            key: mat("key", &b, m, d),
+            targets: Some(&t),
+        },
+        DeviceInputs::Cross {
+            query: &da,
+            key: &db,
+            targets: Some(&dt),
+        },
+    );
+
+    let (n, d) = (70, 128);
+    let (a, b) = (rows(67, n, d), rows(68, n, d));
+    let (da, db) = (up(&gpu, "query", &a, n, d), up(&gpu, "key", &b, n, d));
+    check(
+        "normalized symmetric",
+        LossSpec::symmetric()
+            .learnable_temperature(0.07)
+            .normalize(true)
+            .build()
+            .unwrap(),
+        LossInputs::Symmetric {
+            query: mat("query", &a, n, d),
+            key: mat("key", &b, n, d),
+        },
+        DeviceInputs::Symmetric {
+            query: &da,
+            key: &db,
+        },
+    );
+}

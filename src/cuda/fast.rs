@@ -15,8 +15,12 @@
 //! f32 inputs with [`DeviceOptions::tf32`] run on the f16 kernels after one rounding of the
 //! inputs to f16 (TF32's 10-bit mantissa; the f16 range is checked), gradients in f32.
 //!
-//! Everything else (exact f32, D ∉ {64, 128}, other variants, DySTreSS, normalisation, the
-//! queue's gradient) returns [`Error::Unsupported`] naming what is missing.
+//! Normalisation is composed rather than fused: kernels/normalize.cu normalises the inputs into
+//! scratch copies, the loss runs on them, and the gradients go through its backward (one extra
+//! read and write of the inputs).
+//!
+//! Everything else (exact f32, D ∉ {64, 128}, other variants, DySTreSS, the queue's gradient)
+//! returns [`Error::Unsupported`] naming what is missing.
 //!
 //! Gradient filtering (queue mode): with `Threshold(θ)` a warp skips the `P·M` product of a 64-key
 //! tile where every weight (relative to the running maximum, an upper bound of the final `P_ij`)
@@ -34,9 +38,13 @@
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::device::Gpu;
-use super::fused::{DeviceGrad, DeviceInputs, DeviceOptions, DeviceOutput, GradFilter, KernelPath};
+use super::fused::{
+    DeviceGrad, DeviceInputs, DeviceOptions, DeviceOutput, GradDType, GradFilter, KernelPath,
+    QueueView,
+};
 use super::launch;
 use super::matrix::{DeviceElement, DeviceMatrix};
+use super::normalize::{normalize_rows, normalize_rows_backward};
 use super::unfused::{addr, cast_grad, sum_scaled};
 use crate::error::{Error, Result};
 use crate::loss::Upstream;
@@ -122,9 +130,6 @@ pub fn evaluate_device_tc<T: DeviceElement>(
     if spec.variant() != Variant::Standard {
         return Err(unsupported(format!("the {:?} variant", spec.variant())));
     }
-    if spec.normalize() {
-        return Err(unsupported("fused normalisation"));
-    }
     let (tau, learnable) = match spec.temperature() {
         Temperature::Fixed(t) => (t, false),
         Temperature::Learnable(t) => (t, true),
@@ -141,6 +146,9 @@ pub fn evaluate_device_tc<T: DeviceElement>(
             ))
         }
     };
+    if spec.normalize() {
+        return normalized(gpu, spec, inputs, upstream, opts);
+    }
     let DeviceInputs::Queue {
         query,
         positive,
@@ -341,6 +349,102 @@ pub fn evaluate_device_tc<T: DeviceElement>(
         grads,
         grad_temperature,
     })
+}
+
+/// Normalisation on the tensor-core path, composed rather than fused: the rows of every input
+/// are normalised by kernels/normalize.cu into scratch copies (input dtype, so `u` is rounded once
+/// to it), the loss runs on those, and each gradient is chained through the normalisation's
+/// backward in f32 before the cast to the requested dtype. Costs one extra read and write of
+/// the inputs (for queue mode the whole ring) and O((N + K)·D) scratch.
+fn normalized<T: DeviceElement>(
+    gpu: &Gpu,
+    spec: &LossSpec,
+    inputs: &DeviceInputs<'_, T>,
+    upstream: &Upstream,
+    opts: &DeviceOptions,
+) -> Result<DeviceOutput<T>> {
+    let plain = LossSpec::builder(spec.mode())
+        .temperature_scheme(spec.temperature())
+        .variant(spec.variant())
+        .reduction(spec.reduction())
+        .grad_queue(spec.grad_queue())
+        .build()?;
+    let inner = DeviceOptions {
+        grad_dtype: GradDType::F32,
+        ..*opts
+    };
+    let norm = |m: &DeviceMatrix<T>| normalize_rows(gpu, m);
+    // (the original input, its inverse norms) per gradient name.
+    let (out, sources) = match *inputs {
+        DeviceInputs::Queue {
+            query,
+            positive,
+            queue,
+        } => {
+            let ((uq, iq), (up, ip), (uk, _)) = (norm(query)?, norm(positive)?, norm(queue.keys)?);
+            let view = QueueView {
+                keys: &uk,
+                start: queue.start,
+                len: queue.len,
+            };
+            let i = DeviceInputs::Queue {
+                query: &uq,
+                positive: &up,
+                queue: view,
+            };
+            let out = evaluate_device_tc::<T>(gpu, &plain, &i, upstream, &inner)?;
+            (out, vec![("query", query, iq), ("positive", positive, ip)])
+        }
+        DeviceInputs::InBatch { embeddings } => {
+            let (ue, ie) = norm(embeddings)?;
+            let i = DeviceInputs::InBatch { embeddings: &ue };
+            let out = evaluate_device_tc::<T>(gpu, &plain, &i, upstream, &inner)?;
+            (out, vec![("embeddings", embeddings, ie)])
+        }
+        DeviceInputs::Cross {
+            query,
+            key,
+            targets,
+        } => {
+            let ((ua, ia), (ub, ib)) = (norm(query)?, norm(key)?);
+            let i = DeviceInputs::Cross {
+                query: &ua,
+                key: &ub,
+                targets,
+            };
+            let out = evaluate_device_tc::<T>(gpu, &plain, &i, upstream, &inner)?;
+            (out, vec![("query", query, ia), ("key", key, ib)])
+        }
+        DeviceInputs::Symmetric { query, key } => {
+            let ((ua, ia), (ub, ib)) = (norm(query)?, norm(key)?);
+            let i = DeviceInputs::Symmetric {
+                query: &ua,
+                key: &ub,
+            };
+            let out = evaluate_device_tc::<T>(gpu, &plain, &i, upstream, &inner)?;
+            (out, vec![("query", query, ia), ("key", key, ib)])
+        }
+    };
+    let grads = out
+        .grads
+        .into_iter()
+        .map(|(name, g)| {
+            let DeviceGrad::F32(du) = g else {
+                return Err(unsupported(
+                    "normalisation: an input-dtype gradient was returned",
+                ));
+            };
+            let Some((_, x, inv)) = sources.iter().find(|(n, _, _)| *n == name) else {
+                return Err(unsupported(format!(
+                    "normalisation: unexpected gradient {name}"
+                )));
+            };
+            let dx = normalize_rows_backward(gpu, x, inv, du.slice())?;
+            let dx = DeviceMatrix::from_slice(dx, x.rows(), x.cols())?;
+            Ok((name, cast_grad(gpu, dx, opts.grad_dtype)?))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(DeviceOutput { grads, ..out })
 }
 
 /// f32 inputs with the TF32 opt-in: the inputs are rounded once to f16 (a 10-bit mantissa, TF32's
