@@ -402,6 +402,37 @@ fn f32_with_tf32_opt_in_runs_on_tensor_cores() {
         },
     );
     assert!(matches!(r, Err(Error::Unsupported(_))), "{r:?}");
+    // With normalisation the rows are normalised in f32 first: rows of norm 1e6 (outside f16)
+    // and 1e-9 (f16 would flush them to zero) are fine.
+    let spec_n = LossSpec::queue()
+        .learnable_temperature(0.1)
+        .normalize(true)
+        .build()
+        .unwrap();
+    let tiny: Vec<f32> = c.b[..n * d].iter().map(|x| x * 1e-9).collect();
+    let dt = up(&gpu, "positive", &tiny, n, d);
+    let hi = LossInputs::Queue {
+        query: mat("query", &big, n, d),
+        positive: mat("positive", &tiny, n, d),
+        queue: mat("queue", &c.c, k, d),
+    };
+    let di = DeviceInputs::Queue {
+        query: &db,
+        positive: &dt,
+        queue: QueueView::whole(&dc.c),
+    };
+    let want = cpu::evaluate(&spec_n, &hi, &Upstream::One).unwrap();
+    let got = run_tc(
+        &gpu,
+        &spec_n,
+        &di,
+        &Upstream::One,
+        &DeviceOptions {
+            tf32: true,
+            ..Default::default()
+        },
+    );
+    assert_close("tf32 queue, normalised huge/tiny rows", &got, &want, TOL);
 }
 
 /// The embedded tensor-core module's SASS holds HMMA instructions (checked where `cuobjdump` is on
@@ -446,7 +477,10 @@ fn normalized_inputs_on_tensor_cores() {
     let rows = |seed: u64, r: usize, d: usize| -> Vec<bf16> {
         let u = unit_rows::<f32>(seed, r, d);
         (0..r * d)
-            .map(|i| bf16::from_f32(u[i] * (0.3 + 2.7 * ((i / d * 7919) % 101) as f32 / 100.0)))
+            .map(|i| {
+                let h = ((i / d) as u64 * 7919 + seed * 104_729) % 101;
+                bf16::from_f32(u[i] * (0.3 + 2.7 * h as f32 / 100.0))
+            })
             .collect()
     };
     let check =
@@ -456,15 +490,23 @@ fn normalized_inputs_on_tensor_cores() {
             assert_close(what, &got, &want, TOL);
         };
 
+    // The queue as a wrapped ring (capacity k + 7, starting 3 rows before the end) with junk rows
+    // of norm ~100 outside the view.
     let (n, k, d) = (70, 300, 64);
     let (q, p, m) = (rows(61, n, d), rows(62, n, d), rows(63, k, d));
+    let (cap, start) = (k + 7, k + 4);
+    let mut ring = vec![bf16::from_f32(100.0 / (d as f32).sqrt()); cap * d];
+    for j in 0..k {
+        let at = (start + j) % cap;
+        ring[at * d..(at + 1) * d].copy_from_slice(&m[j * d..(j + 1) * d]);
+    }
     let (dq, dp, dm) = (
         up(&gpu, "query", &q, n, d),
         up(&gpu, "positive", &p, n, d),
-        up(&gpu, "queue", &m, k, d),
+        up(&gpu, "queue", &ring, cap, d),
     );
     check(
-        "normalized queue",
+        "normalized queue (wrapped ring)",
         LossSpec::queue()
             .temperature(0.1)
             .normalize(true)
@@ -480,7 +522,7 @@ fn normalized_inputs_on_tensor_cores() {
             positive: &dp,
             queue: QueueView {
                 keys: &dm,
-                start: 0,
+                start,
                 len: k,
             },
         },

@@ -112,15 +112,15 @@ pub fn evaluate_device_tc<T: DeviceElement>(
     if !matches!(opts.path, KernelPath::Auto | KernelPath::TensorCore) {
         return Err(unsupported(format!("asked for the {:?} path", opts.path)));
     }
-    match T::DTYPE {
-        DType::F16 | DType::BF16 => {}
-        DType::F32 if opts.tf32 => return tf32_via_f16(gpu, spec, inputs, upstream, opts),
+    let via_tf32 = match T::DTYPE {
+        DType::F16 | DType::BF16 => false,
+        DType::F32 if opts.tf32 => true,
         d => {
             return Err(unsupported(format!(
                 "{d} inputs (f16 or bf16; f32 with tf32 opt-in)"
             )))
         }
-    }
+    };
     let (cc_major, _) = gpu.properties().compute_capability;
     if cc_major < 8 {
         return Err(unsupported(
@@ -146,8 +146,35 @@ pub fn evaluate_device_tc<T: DeviceElement>(
             ))
         }
     };
+    // What the inputs decide, checked before any work (normalisation and the f16 rounding of the
+    // tf32 path both launch kernels); the full shape checks follow on the path taken.
+    if inputs_mode(inputs) != spec.mode() {
+        return Err(Error::parameter(
+            "mode",
+            spec.mode().name(),
+            format!("the inputs are for {} mode", inputs_mode(inputs).name()),
+        ));
+    }
+    if spec.grad_queue() {
+        return Err(unsupported(
+            "the queue's gradient (the backward pass is not written)",
+        ));
+    }
+    let d_in = match *inputs {
+        DeviceInputs::Queue { query, .. } => query.cols(),
+        DeviceInputs::InBatch { embeddings } => embeddings.cols(),
+        DeviceInputs::Cross { query, .. } | DeviceInputs::Symmetric { query, .. } => query.cols(),
+    };
+    if d_in != 64 && d_in != 128 {
+        return Err(unsupported(format!("D = {d_in} (64 or 128)")));
+    }
+    // Normalisation first (in the input dtype; for f32 before the tf32 path's rounding to f16,
+    // so small or large rows are normalised exactly and then rounded as unit rows).
     if spec.normalize() {
         return normalized(gpu, spec, inputs, upstream, opts);
+    }
+    if via_tf32 {
+        return tf32_via_f16(gpu, spec, inputs, upstream, opts);
     }
     let DeviceInputs::Queue {
         query,
@@ -157,18 +184,6 @@ pub fn evaluate_device_tc<T: DeviceElement>(
     else {
         return pair_eval(gpu, spec, inputs, upstream, opts, tau, learnable, theta);
     };
-    if spec.mode() != Mode::Queue {
-        return Err(Error::parameter(
-            "mode",
-            spec.mode().name(),
-            "the inputs are for queue mode",
-        ));
-    }
-    if spec.grad_queue() {
-        return Err(unsupported(
-            "the queue's gradient (the backward pass is not written)",
-        ));
-    }
     let (n, d) = (query.rows(), query.cols());
     if n == 0 || (positive.rows(), positive.cols()) != (n, d) {
         return Err(Error::shape(
