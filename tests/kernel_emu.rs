@@ -246,6 +246,16 @@ fn write_cases(dir: &Path, dt: &str) -> Vec<PathBuf> {
     files
 }
 
+/// Prints why the test skips; with `FUSED_INFONCE_REQUIRE_EMU=1` (scripts/test sets it) a skip is
+/// a failure, so CI cannot pass without having run the kernels.
+fn skip(why: &str) {
+    assert!(
+        std::env::var_os("FUSED_INFONCE_REQUIRE_EMU").is_none(),
+        "FUSED_INFONCE_REQUIRE_EMU is set but the emulator cannot run: {why}"
+    );
+    println!("skipped: {why}");
+}
+
 /// Builds the emulator's harnesses once per test binary (tools/kernel-emu/build.sh):
 /// `(work dir, binaries dir)`, or why it cannot be built here.
 fn emulator() -> Result<(PathBuf, PathBuf), String> {
@@ -321,10 +331,7 @@ fn run(bin: &Path, case: &Path, sms: u32, filter: Option<f64>) -> Option<String>
 fn tensor_core_kernels_on_the_emulator() {
     let (work, out_dir) = match emulator() {
         Ok(x) => x,
-        Err(why) => {
-            println!("skipped: {why}");
-            return;
-        }
+        Err(why) => return skip(&why),
     };
     let full = std::env::var_os("FUSED_INFONCE_EMU_FULL").is_some();
     let mut failures = Vec::new();
@@ -372,7 +379,7 @@ fn tensor_core_kernels_on_the_emulator() {
 /// variant (standard, decoupled, simple with and without λ) × reduction × normalisation on the
 /// first shape of each mode, a sample of those on two more (tile remainders, a 1100-key queue,
 /// N = 1, K = 0, D = 2…40), the queue's gradient when normalising; f32 inputs.
-fn write_v1_cases(dir: &Path) -> Vec<PathBuf> {
+fn write_v1_cases(dir: &Path) -> (Vec<PathBuf>, usize) {
     let temps = [
         Temperature::Fixed(0.1),
         Temperature::Learnable(0.2),
@@ -405,6 +412,7 @@ fn write_v1_cases(dir: &Path) -> Vec<PathBuf> {
             .map(|_| (rng.random_range(-1.0..1.0) * s) as f32)
             .collect()
     };
+    let mut unfused = 0;
     let mut files = Vec::new();
     let mut idx = 0u64;
     for (mi, mode) in [Mode::Queue, Mode::InBatch, Mode::Cross, Mode::Symmetric]
@@ -526,6 +534,7 @@ fn write_v1_cases(dir: &Path) -> Vec<PathBuf> {
                             let f = dir.join(format!("v1-case{idx:04}.txt"));
                             std::fs::write(&f, s).unwrap();
                             files.push(f);
+                            unfused += usize::from(var == 0 && tk == 0 && !norm);
                             idx += 1;
                         }
                     }
@@ -533,7 +542,7 @@ fn write_v1_cases(dir: &Path) -> Vec<PathBuf> {
             }
         }
     }
-    files
+    (files, unfused)
 }
 
 /// The v1 loss kernels (`normalize_fwd`, `infonce_rows/merge/cols/finish/reduce`, launched as
@@ -546,15 +555,13 @@ fn write_v1_cases(dir: &Path) -> Vec<PathBuf> {
 fn v1_kernels_on_the_emulator() {
     let (work, bin) = match emulator() {
         Ok(x) => x,
-        Err(why) => {
-            println!("skipped: {why}");
-            return;
-        }
+        Err(why) => return skip(&why),
     };
     let cases = work.join("cases-v1");
     let _ = std::fs::remove_dir_all(&cases);
     std::fs::create_dir_all(&cases).unwrap();
-    let files = write_v1_cases(&cases);
+    let (files, unfused_cases) = write_v1_cases(&cases);
+    let unfused_ok = std::sync::atomic::AtomicUsize::new(0);
     assert!(files.len() > 400, "only {} v1 cases", files.len());
     let jobs: Vec<(usize, &str)> = (0..files.len())
         .flat_map(|i| {
@@ -583,6 +590,9 @@ fn v1_kernels_on_the_emulator() {
         if dt == "unf" {
             // The unfused baseline's kernels (standard variant, fixed/learnable τ; others skip).
             let (ok, text) = output(Command::new(bin.join("unf")).arg(f));
+            if text.starts_with("ok ") {
+                unfused_ok.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             let done = text.starts_with("ok ") || text.starts_with("skip ");
             return (!ok || !done).then(|| format!("{} (unfused): {text}", f.display()));
         }
@@ -625,6 +635,11 @@ fn v1_kernels_on_the_emulator() {
         files.len(),
         failures.len()
     );
+    let ran = unfused_ok.into_inner();
+    assert!(
+        ran == unfused_cases && ran > 0,
+        "the unfused harness checked {ran} cases, {unfused_cases} are in its scope"
+    );
     assert!(
         failures.is_empty(),
         "{} emulated runs failed:\n{}",
@@ -641,10 +656,7 @@ fn v1_kernels_on_the_emulator() {
 fn selection_and_metrics_kernels_on_the_emulator() {
     let (_, bin) = match emulator() {
         Ok(x) => x,
-        Err(why) => {
-            println!("skipped: {why}");
-            return;
-        }
+        Err(why) => return skip(&why),
     };
     let failures = run_parallel(&["sel", "met"], |name| {
         let o = Command::new(bin.join(name))
@@ -785,10 +797,7 @@ fn write_hard_cases(dir: &Path) -> Vec<PathBuf> {
 fn hard_k_on_the_emulator() {
     let (work, bin) = match emulator() {
         Ok(x) => x,
-        Err(why) => {
-            println!("skipped: {why}");
-            return;
-        }
+        Err(why) => return skip(&why),
     };
     let cases = work.join("cases-hard");
     let _ = std::fs::remove_dir_all(&cases);

@@ -48,6 +48,7 @@ static Plan plan_rows(size_t n, size_t k, size_t sms) {
 }
 
 static double rel(const V& g, const std::vector<double>& w, size_t n, double floor = 1e-6) {
+    if (g.size() < n || w.size() < n) return INFINITY;
     double num = 0, den = 0;
     for (size_t i = 0; i < n; ++i) { if (!std::isfinite(g[i])) return INFINITY; num += (g[i]-w[i])*(g[i]-w[i]); den += w[i]*w[i]; }
     return std::sqrt(num) / std::max(std::sqrt(den), floor);
@@ -176,7 +177,8 @@ int main(int argc, char** argv) {
         }
         if (dump) { fprintf(dump, "grad%d", m); for (size_t e = 0; e < rows * D; ++e) fprintf(dump, " %.9g", out[e]); fprintf(dump, "\n"); }
         char nmv[32]; snprintf(nmv, 32, "grad%d", m);
-        check(nmv, out, e_g[gi]); ++gi;
+        if (gi < ng) check(nmv, out, e_g[gi]);
+        ++gi;
     }
     if (gi != ng) { printf("FAIL %s: %d grads, want %d\n", argv[1], gi, ng); worst = 1; }
     if (learn) { V g1 = gt; check("dtau", g1, {e_dtau}); }
