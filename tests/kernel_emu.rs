@@ -648,17 +648,18 @@ fn v1_kernels_on_the_emulator() {
     );
 }
 
-/// The selection (hard:k) and metrics kernels on the emulator with their own generated inputs
-/// (tools/kernel-emu/sel.cpp: every skip mode, ties, k = 1 … k ≥ #negatives, bit-exact against a
-/// host sort; met.cpp: uniformity, tolerance, penalty histogram and effective negatives against
-/// their f64 definitions), in f32, f16 and bf16.
+/// The selection (hard:k), metrics and normalisation kernels on the emulator with their own
+/// generated inputs (tools/kernel-emu/sel.cpp: every skip mode, ties, k = 1 … k ≥ #negatives,
+/// bit-exact against a host sort; met.cpp: uniformity, tolerance, penalty histogram and effective
+/// negatives against their f64 definitions; nrm.cpp: normalize_fwd/bwd with D = 1, odd D, zero,
+/// clamped and large rows), in f32, f16 and bf16.
 #[test]
-fn selection_and_metrics_kernels_on_the_emulator() {
+fn selection_metrics_and_normalisation_kernels_on_the_emulator() {
     let (_, bin) = match emulator() {
         Ok(x) => x,
         Err(why) => return skip(&why),
     };
-    let failures = run_parallel(&["sel", "met"], |name| {
+    let failures = run_parallel(&["sel", "met", "nrm"], |name| {
         let o = Command::new(bin.join(name))
             .output()
             .expect("run the emulator");

@@ -38,5 +38,6 @@ if [ "${ONLY:-}" != mma ]; then
     $CXX "$HERE/sel.cpp" "$OUT/obj/emu.o" "$OUT/obj/tu_select.o" -o "$OUT/sel"
     $CXX "$HERE/met.cpp" "$OUT/obj/emu.o" "$OUT/obj/tu_metrics.o" -o "$OUT/met"
     $CXX "$HERE/unf.cpp" "$OUT/obj/emu.o" "$OUT/obj/tu_unfused.o" -o "$OUT/unf"
+    $CXX "$HERE/nrm.cpp" "$OUT/obj/emu.o" "$OUT/obj/tu_normalize.o" -o "$OUT/nrm"
 fi
 echo "built into $OUT"
