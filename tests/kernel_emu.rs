@@ -53,19 +53,81 @@ fn missing_toolchain(dir: &Path) -> Option<String> {
     (!ok).then(|| "g++ has no _Float16 (GCC 12 or newer on x86-64 needed)".to_string())
 }
 
-/// Rows uniform in ±sqrt(3/d) (norm ≈ 1), rounded to the dtype.
+/// Rows uniform in ±sqrt(3/d) (norm ≈ 1), rounded to `dt` ("f16", "bf16"; "f32" keeps them).
 fn rows(rng: &mut StdRng, r: usize, d: usize, dt: &str) -> Vec<f32> {
     let s = (3.0 / d as f64).sqrt();
     (0..r * d)
         .map(|_| {
             let x = (rng.random_range(-1.0..1.0) * s) as f32;
-            if dt == "f16" {
-                f16::from_f32(x).to_f32()
-            } else {
-                bf16::from_f32(x).to_f32()
+            match dt {
+                "f16" => f16::from_f32(x).to_f32(),
+                "bf16" => bf16::from_f32(x).to_f32(),
+                _ => x,
             }
         })
         .collect()
+}
+
+/// A case's matrices: queue (query, positive, queue), inbatch (2N embeddings), cross (query,
+/// key), symmetric (query, key).
+type Data = (Vec<f32>, Vec<f32>, Vec<f32>);
+
+fn draw(rng: &mut StdRng, mode: Mode, n: usize, k: usize, d: usize, dt: &str) -> Data {
+    match mode {
+        Mode::Queue => (
+            rows(rng, n, d, dt),
+            rows(rng, n, d, dt),
+            rows(rng, k, d, dt),
+        ),
+        Mode::InBatch => (rows(rng, 2 * n, d, dt), vec![], vec![]),
+        Mode::Cross => (rows(rng, n, d, dt), rows(rng, k, d, dt), vec![]),
+        Mode::Symmetric => (rows(rng, n, d, dt), rows(rng, n, d, dt), vec![]),
+    }
+}
+
+fn case_inputs<'a>(
+    mode: Mode,
+    (a, b, c): &'a Data,
+    n: usize,
+    k: usize,
+    d: usize,
+    targets: Option<&'a [i64]>,
+) -> LossInputs<'a, f32> {
+    match mode {
+        Mode::Queue => LossInputs::Queue {
+            query: MatRef::new("query", a, n, d).unwrap(),
+            positive: MatRef::new("positive", b, n, d).unwrap(),
+            queue: MatRef::new("queue", c, k, d).unwrap(),
+        },
+        Mode::InBatch => LossInputs::InBatch {
+            embeddings: MatRef::new("embeddings", a, 2 * n, d).unwrap(),
+        },
+        Mode::Cross => LossInputs::Cross {
+            query: MatRef::new("query", a, n, d).unwrap(),
+            key: MatRef::new("key", b, k, d).unwrap(),
+            targets,
+        },
+        Mode::Symmetric => LossInputs::Symmetric {
+            query: MatRef::new("query", a, n, d).unwrap(),
+            key: MatRef::new("key", b, n, d).unwrap(),
+        },
+    }
+}
+
+/// The upstream gradient (per-anchor weights in 0.1…1 for `none`, 0.75 otherwise) and the number
+/// of anchor losses.
+fn upstream(rng: &mut StdRng, mode: Mode, n: usize, r: Reduction) -> (Upstream, usize) {
+    let count = match mode {
+        Mode::InBatch | Mode::Symmetric => 2 * n,
+        _ => n,
+    };
+    let up = match r {
+        Reduction::None => {
+            Upstream::PerAnchor((0..count).map(|_| rng.random_range(0.1..1.0)).collect())
+        }
+        _ => Upstream::Scalar(0.75),
+    };
+    (up, count)
 }
 
 fn vec_line(s: &mut String, v: &[f64]) {
@@ -174,50 +236,12 @@ fn write_cases(dir: &Path, dt: &str) -> Vec<PathBuf> {
                         .build()
                         .unwrap();
                     let mut rng = StdRng::seed_from_u64(1000 + idx);
-                    let (a, b, c) = match mode {
-                        Mode::Queue => (
-                            rows(&mut rng, n, d, dt),
-                            rows(&mut rng, n, d, dt),
-                            rows(&mut rng, k, d, dt),
-                        ),
-                        Mode::InBatch => (rows(&mut rng, 2 * n, d, dt), vec![], vec![]),
-                        Mode::Cross => (rows(&mut rng, n, d, dt), rows(&mut rng, k, d, dt), vec![]),
-                        Mode::Symmetric => {
-                            (rows(&mut rng, n, d, dt), rows(&mut rng, n, d, dt), vec![])
-                        }
-                    };
+                    let data = draw(&mut rng, mode, n, k, d, dt);
                     let targets: Option<Vec<i64>> = (mode == Mode::Cross
                         && (idx % 2 == 0 || k < n))
                         .then(|| (0..n).map(|_| rng.random_range(0..k as i64)).collect());
-                    let inputs = match mode {
-                        Mode::Queue => LossInputs::Queue {
-                            query: MatRef::new("query", &a, n, d).unwrap(),
-                            positive: MatRef::new("positive", &b, n, d).unwrap(),
-                            queue: MatRef::new("queue", &c, k, d).unwrap(),
-                        },
-                        Mode::InBatch => LossInputs::InBatch {
-                            embeddings: MatRef::new("embeddings", &a, 2 * n, d).unwrap(),
-                        },
-                        Mode::Cross => LossInputs::Cross {
-                            query: MatRef::new("query", &a, n, d).unwrap(),
-                            key: MatRef::new("key", &b, k, d).unwrap(),
-                            targets: targets.as_deref(),
-                        },
-                        Mode::Symmetric => LossInputs::Symmetric {
-                            query: MatRef::new("query", &a, n, d).unwrap(),
-                            key: MatRef::new("key", &b, n, d).unwrap(),
-                        },
-                    };
-                    let count = match mode {
-                        Mode::InBatch | Mode::Symmetric => 2 * n,
-                        _ => n,
-                    };
-                    let up = match r {
-                        Reduction::None => Upstream::PerAnchor(
-                            (0..count).map(|_| rng.random_range(0.1..1.0)).collect(),
-                        ),
-                        _ => Upstream::Scalar(0.75),
-                    };
+                    let inputs = case_inputs(mode, &data, n, k, d, targets.as_deref());
+                    let (up, count) = upstream(&mut rng, mode, n, r);
                     let out = cpu::evaluate(&spec, &inputs, &up).unwrap();
                     let w = up.weights(&spec, count).unwrap();
                     let (tau, learn) = match t {
@@ -406,12 +430,6 @@ fn write_v1_cases(dir: &Path) -> (Vec<PathBuf>, usize) {
             hard_k: None,
         },
     ];
-    let unit = |rng: &mut StdRng, r: usize, d: usize| -> Vec<f32> {
-        let s = (3.0 / d as f64).sqrt();
-        (0..r * d)
-            .map(|_| (rng.random_range(-1.0..1.0) * s) as f32)
-            .collect()
-    };
     let mut unfused = 0;
     let mut files = Vec::new();
     let mut idx = 0u64;
@@ -445,49 +463,11 @@ fn write_v1_cases(dir: &Path) -> (Vec<PathBuf>, usize) {
                                 .build()
                                 .unwrap();
                             let mut rng = StdRng::seed_from_u64(idx);
-                            let (a, b, c) = match mode {
-                                Mode::Queue => (
-                                    unit(&mut rng, n, d),
-                                    unit(&mut rng, n, d),
-                                    unit(&mut rng, k, d),
-                                ),
-                                Mode::InBatch => (unit(&mut rng, 2 * n, d), vec![], vec![]),
-                                Mode::Cross => (unit(&mut rng, n, d), unit(&mut rng, k, d), vec![]),
-                                Mode::Symmetric => {
-                                    (unit(&mut rng, n, d), unit(&mut rng, n, d), vec![])
-                                }
-                            };
+                            let data = draw(&mut rng, mode, n, k, d, "f32");
                             let targets: Option<Vec<i64>> = (mode == Mode::Cross && idx % 2 == 0)
                                 .then(|| (0..n).map(|_| rng.random_range(0..k as i64)).collect());
-                            let inputs = match mode {
-                                Mode::Queue => LossInputs::Queue {
-                                    query: MatRef::new("query", &a, n, d).unwrap(),
-                                    positive: MatRef::new("positive", &b, n, d).unwrap(),
-                                    queue: MatRef::new("queue", &c, k, d).unwrap(),
-                                },
-                                Mode::InBatch => LossInputs::InBatch {
-                                    embeddings: MatRef::new("embeddings", &a, 2 * n, d).unwrap(),
-                                },
-                                Mode::Cross => LossInputs::Cross {
-                                    query: MatRef::new("query", &a, n, d).unwrap(),
-                                    key: MatRef::new("key", &b, k, d).unwrap(),
-                                    targets: targets.as_deref(),
-                                },
-                                Mode::Symmetric => LossInputs::Symmetric {
-                                    query: MatRef::new("query", &a, n, d).unwrap(),
-                                    key: MatRef::new("key", &b, n, d).unwrap(),
-                                },
-                            };
-                            let count = match mode {
-                                Mode::InBatch | Mode::Symmetric => 2 * n,
-                                _ => n,
-                            };
-                            let up = match r {
-                                Reduction::None => Upstream::PerAnchor(
-                                    (0..count).map(|_| rng.random_range(0.1..1.0)).collect(),
-                                ),
-                                _ => Upstream::Scalar(0.75),
-                            };
+                            let inputs = case_inputs(mode, &data, n, k, d, targets.as_deref());
+                            let (up, count) = upstream(&mut rng, mode, n, r);
                             // Combinations the reference refuses (e.g. decoupled with one
                             // candidate) have no case.
                             let Ok(out) = cpu::evaluate(&spec, &inputs, &up) else {
@@ -677,12 +657,6 @@ fn selection_metrics_and_normalisation_kernels_on_the_emulator() {
 /// hard:k cases (Wang & Liu eq. 9: `Hard { k }`, and `Simple { hard_k }`) in every mode, with and
 /// without normalisation, k = 1, 3, 4, 7 and k ≥ #negatives; learnable τ, queue gradient on.
 fn write_hard_cases(dir: &Path) -> Vec<PathBuf> {
-    let unit = |rng: &mut StdRng, r: usize, d: usize| -> Vec<f32> {
-        let s = (3.0 / d as f64).sqrt();
-        (0..r * d)
-            .map(|_| (rng.random_range(-1.0..1.0) * s) as f32)
-            .collect()
-    };
     let mut files = Vec::new();
     let mut idx = 0u64;
     for (mi, mode) in [Mode::Queue, Mode::InBatch, Mode::Cross, Mode::Symmetric]
@@ -716,47 +690,11 @@ fn write_hard_cases(dir: &Path) -> Vec<PathBuf> {
                         .build()
                         .unwrap();
                     let mut rng = StdRng::seed_from_u64(1000 + idx);
-                    let (a, b, c) = match mode {
-                        Mode::Queue => (
-                            unit(&mut rng, n, d),
-                            unit(&mut rng, n, d),
-                            unit(&mut rng, kk, d),
-                        ),
-                        Mode::InBatch => (unit(&mut rng, 2 * n, d), vec![], vec![]),
-                        Mode::Cross => (unit(&mut rng, n, d), unit(&mut rng, kk, d), vec![]),
-                        Mode::Symmetric => (unit(&mut rng, n, d), unit(&mut rng, n, d), vec![]),
-                    };
+                    let data = draw(&mut rng, mode, n, kk, d, "f32");
                     let targets: Option<Vec<i64>> = (mode == Mode::Cross)
                         .then(|| (0..n).map(|_| rng.random_range(0..kk as i64)).collect());
-                    let inputs = match mode {
-                        Mode::Queue => LossInputs::Queue {
-                            query: MatRef::new("query", &a, n, d).unwrap(),
-                            positive: MatRef::new("positive", &b, n, d).unwrap(),
-                            queue: MatRef::new("queue", &c, kk, d).unwrap(),
-                        },
-                        Mode::InBatch => LossInputs::InBatch {
-                            embeddings: MatRef::new("embeddings", &a, 2 * n, d).unwrap(),
-                        },
-                        Mode::Cross => LossInputs::Cross {
-                            query: MatRef::new("query", &a, n, d).unwrap(),
-                            key: MatRef::new("key", &b, kk, d).unwrap(),
-                            targets: targets.as_deref(),
-                        },
-                        Mode::Symmetric => LossInputs::Symmetric {
-                            query: MatRef::new("query", &a, n, d).unwrap(),
-                            key: MatRef::new("key", &b, n, d).unwrap(),
-                        },
-                    };
-                    let count = match mode {
-                        Mode::InBatch | Mode::Symmetric => 2 * n,
-                        _ => n,
-                    };
-                    let up = match r {
-                        Reduction::None => Upstream::PerAnchor(
-                            (0..count).map(|_| rng.random_range(0.1..1.0)).collect(),
-                        ),
-                        _ => Upstream::Scalar(0.75),
-                    };
+                    let inputs = case_inputs(mode, &data, n, kk, d, targets.as_deref());
+                    let (up, count) = upstream(&mut rng, mode, n, r);
                     let out = cpu::evaluate(&spec, &inputs, &up).unwrap();
                     let w = up.weights(&spec, count).unwrap();
                     // The harness reads k from the comment line ("Hard { k: …" / "hard_k: Some(…").
