@@ -632,14 +632,15 @@ fn v1_kernels_on_the_emulator() {
 /// generated inputs (tools/kernel-emu/sel.cpp: every skip mode, ties, k = 1 … k ≥ #negatives,
 /// bit-exact against a host sort; met.cpp: uniformity, tolerance, penalty histogram and effective
 /// negatives against their f64 definitions; nrm.cpp: normalize_fwd/bwd with D = 1, odd D, zero,
-/// clamped and large rows), in f32, f16 and bf16.
+/// clamped and large rows; elt.cpp: the unfused module's cast, max-abs and random-unit-rows
+/// helpers), in f32, f16 and bf16.
 #[test]
 fn selection_metrics_and_normalisation_kernels_on_the_emulator() {
     let (_, bin) = match emulator() {
         Ok(x) => x,
         Err(why) => return skip(&why),
     };
-    let failures = run_parallel(&["sel", "met", "nrm"], |name| {
+    let failures = run_parallel(&["sel", "met", "nrm", "elt"], |name| {
         let o = Command::new(bin.join(name))
             .output()
             .expect("run the emulator");

@@ -39,5 +39,6 @@ if [ "${ONLY:-}" != mma ]; then
     $CXX "$HERE/met.cpp" "$OUT/obj/emu.o" "$OUT/obj/tu_metrics.o" -o "$OUT/met"
     $CXX "$HERE/unf.cpp" "$OUT/obj/emu.o" "$OUT/obj/tu_unfused.o" -o "$OUT/unf"
     $CXX "$HERE/nrm.cpp" "$OUT/obj/emu.o" "$OUT/obj/tu_normalize.o" -o "$OUT/nrm"
+    $CXX "$HERE/elt.cpp" "$OUT/obj/emu.o" "$OUT/obj/tu_unfused.o" -o "$OUT/elt"
 fi
 echo "built into $OUT"
