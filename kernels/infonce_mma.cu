@@ -43,6 +43,69 @@ __device__ __forceinline__ void load_tile(uint32_t tile, RowPtr src_row, const E
     }
 }
 
+// The block's 64 rows (row0 …, zero past `rows`) → stage 0 → each warp's 16 rows as A fragments
+// for every k16 step; shared memory is free again on return.
+template <typename T, int D>
+__device__ __forceinline__ void load_row_fragments(uint32_t (&qa)[D / 16][4], uint32_t base,
+                                                   const T* __restrict__ x, int64_t rows,
+                                                   int64_t row0, int tid) {
+    const int warp = tid / WARP, lane = tid % WARP;
+    load_tile<D>(base, [&](int r) -> const T* {
+        const int64_t i = row0 + r;
+        return i < rows ? x + i * D : nullptr;
+    }, x, tid);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)
+        ldmatrix_x4(qa[kk], base + tile_offset<D>(warp * 16 + (lane % 16), 2 * kk + lane / 16));
+    __syncthreads();
+}
+
+// s = Q·Kᵀ for the warp's 16 rows against the 64-key tile at shared address `kt` (8 n8 blocks).
+template <typename T, int D>
+__device__ __forceinline__ void tile_scores(float (&s)[8][4], const uint32_t (&qa)[D / 16][4],
+                                            uint32_t kt) {
+    const int lane = threadIdx.x % WARP;
+#pragma unroll
+    for (int b = 0; b < 8; ++b) s[b][0] = s[b][1] = s[b][2] = s[b][3] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+        for (int nb2 = 0; nb2 < 4; ++nb2) {
+            uint32_t b[4];
+            const int key = nb2 * 16 + (lane & 7) + ((lane >> 4) << 3);
+            ldmatrix_x4(b, kt + tile_offset<D>(key, 2 * kk + ((lane >> 3) & 1)));
+            Mma<T>::run(s[2 * nb2], qa[kk], b[0], b[1]);
+            Mma<T>::run(s[2 * nb2 + 1], qa[kk], b[2], b[3]);
+        }
+    }
+}
+
+// o += w·K for the warp's 16 rows: the weights w (the S fragments, re-packed as A operands, no
+// shared memory) against the same key tile read transposed (V = K).
+template <typename T, int D>
+__device__ __forceinline__ void accumulate_weighted_keys(float (&o)[D / 8][4],
+                                                         const float (&w)[8][4], uint32_t kt) {
+    const int lane = threadIdx.x % WARP;
+#pragma unroll
+    for (int kb = 0; kb < 4; ++kb) {
+        const uint32_t a[4] = {Mma<T>::pack(w[2 * kb][0], w[2 * kb][1]),
+                               Mma<T>::pack(w[2 * kb][2], w[2 * kb][3]),
+                               Mma<T>::pack(w[2 * kb + 1][0], w[2 * kb + 1][1]),
+                               Mma<T>::pack(w[2 * kb + 1][2], w[2 * kb + 1][3])};
+        const int key = kb * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
+#pragma unroll
+        for (int db = 0; db < D / 16; ++db) {
+            uint32_t b[4];
+            ldmatrix_x4_trans(b, kt + tile_offset<D>(key, 2 * db + (lane >> 4)));
+            Mma<T>::run(o[2 * db], a, b[0], b[1]);
+            Mma<T>::run(o[2 * db + 1], a, b[2], b[3]);
+        }
+    }
+}
+
 template <typename T, int D, bool LEARN>
 __device__ void queue_fwd(const T* __restrict__ q, int64_t n, const T* __restrict__ keys,
                           int64_t cap, int64_t qstart, int64_t qlen, int64_t keys_per_split,
@@ -61,19 +124,8 @@ __device__ void queue_fwd(const T* __restrict__ q, int64_t n, const T* __restric
     const int64_t kend = min(qlen, kbeg + keys_per_split);
     const uint32_t base = smem_addr(smem);
 
-    // Q tile → stage 0 → registers.
-    load_tile<D>(base, [&](int r) -> const T* {
-        const int64_t i = row0 + r;
-        return i < n ? q + i * D : nullptr;
-    }, q, tid);
-    cp_async_commit();
-    cp_async_wait<0>();
-    __syncthreads();
     uint32_t qa[KSTEPS][4];
-#pragma unroll
-    for (int kk = 0; kk < KSTEPS; ++kk)
-        ldmatrix_x4(qa[kk], base + tile_offset<D>(warp * 16 + (lane % 16), 2 * kk + lane / 16));
-    __syncthreads();
+    load_row_fragments<T, D>(qa, base, q, n, row0, tid);
 
     const int ntiles = (int)((kend - kbeg + BLOCK_KEYS - 1) / BLOCK_KEYS);
     auto load_keys = [&](int tile_idx) {
@@ -108,19 +160,7 @@ __device__ void queue_fwd(const T* __restrict__ q, int64_t n, const T* __restric
 
         // S = Q·Mᵀ: 16 rows × 64 keys per warp, 8 n-blocks.
         float s[8][4];
-#pragma unroll
-        for (int b = 0; b < 8; ++b) s[b][0] = s[b][1] = s[b][2] = s[b][3] = 0.0f;
-#pragma unroll
-        for (int kk = 0; kk < KSTEPS; ++kk) {
-#pragma unroll
-            for (int nb2 = 0; nb2 < 4; ++nb2) {
-                uint32_t b[4];
-                const int key = nb2 * 16 + (lane & 7) + ((lane >> 4) << 3);
-                ldmatrix_x4(b, kt + tile_offset<D>(key, 2 * kk + ((lane >> 3) & 1)));
-                Mma<T>::run(s[2 * nb2], qa[kk], b[0], b[1]);
-                Mma<T>::run(s[2 * nb2 + 1], qa[kk], b[2], b[3]);
-            }
-        }
+        tile_scores<T, D>(s, qa, kt);
         // Keys past the split's end do not exist.
         const int valid = (int)min((int64_t)BLOCK_KEYS, kend - kbeg - (int64_t)tile_idx * BLOCK_KEYS);
         if (valid < BLOCK_KEYS) {
@@ -171,21 +211,7 @@ __device__ void queue_fwd(const T* __restrict__ q, int64_t n, const T* __restric
         }
         // O += P·M (V = M: the same shared tile, read transposed).
         if (__any_sync(FULL_MASK, big)) {
-#pragma unroll
-            for (int kb = 0; kb < 4; ++kb) {
-                const uint32_t a[4] = {Mma<T>::pack(s[2 * kb][0], s[2 * kb][1]),
-                                       Mma<T>::pack(s[2 * kb][2], s[2 * kb][3]),
-                                       Mma<T>::pack(s[2 * kb + 1][0], s[2 * kb + 1][1]),
-                                       Mma<T>::pack(s[2 * kb + 1][2], s[2 * kb + 1][3])};
-                const int key = kb * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
-#pragma unroll
-                for (int db = 0; db < OBLK / 2; ++db) {
-                    uint32_t b[4];
-                    ldmatrix_x4_trans(b, kt + tile_offset<D>(key, 2 * db + (lane >> 4)));
-                    Mma<T>::run(o[2 * db], a, b[0], b[1]);
-                    Mma<T>::run(o[2 * db + 1], a, b[2], b[3]);
-                }
-            }
+            accumulate_weighted_keys<T, D>(o, s, kt);
         }
     }
     cp_async_wait<0>();
@@ -346,18 +372,8 @@ __device__ void pair_pass(const T* __restrict__ x, int64_t rows, const T* __rest
     const int64_t kend = min(cols, kbeg + cols_per_split);
     const uint32_t base = smem_addr(smem);
 
-    load_tile<D>(base, [&](int r) -> const T* {
-        const int64_t i = row0 + r;
-        return i < rows ? x + i * D : nullptr;
-    }, x, tid);
-    cp_async_commit();
-    cp_async_wait<0>();
-    __syncthreads();
     uint32_t qa[KSTEPS][4];
-#pragma unroll
-    for (int kk = 0; kk < KSTEPS; ++kk)
-        ldmatrix_x4(qa[kk], base + tile_offset<D>(warp * 16 + (lane % 16), 2 * kk + lane / 16));
-    __syncthreads();
+    load_row_fragments<T, D>(qa, base, x, rows, row0, tid);
 
     // This thread's two rows: g and g + 8 of the warp's 16.
     int64_t r_of[2];
@@ -403,19 +419,7 @@ __device__ void pair_pass(const T* __restrict__ x, int64_t rows, const T* __rest
         const int64_t j0 = kbeg + (int64_t)tile_idx * BLOCK_KEYS;
 
         float s[8][4];
-#pragma unroll
-        for (int b = 0; b < 8; ++b) s[b][0] = s[b][1] = s[b][2] = s[b][3] = 0.0f;
-#pragma unroll
-        for (int kk = 0; kk < KSTEPS; ++kk) {
-#pragma unroll
-            for (int nb2 = 0; nb2 < 4; ++nb2) {
-                uint32_t b[4];
-                const int key = nb2 * 16 + (lane & 7) + ((lane >> 4) << 3);
-                ldmatrix_x4(b, kt + tile_offset<D>(key, 2 * kk + ((lane >> 3) & 1)));
-                Mma<T>::run(s[2 * nb2], qa[kk], b[0], b[1]);
-                Mma<T>::run(s[2 * nb2 + 1], qa[kk], b[2], b[3]);
-            }
-        }
+        tile_scores<T, D>(s, qa, kt);
 
         if constexpr (!GRAD) {
             // Online (max, sum) in base 2; missing columns and the row itself (inbatch) are -inf.
@@ -479,21 +483,7 @@ __device__ void pair_pass(const T* __restrict__ x, int64_t rows, const T* __rest
                     s[b][e] = gr + gc;
                 }
             if (!__any_sync(FULL_MASK, big)) continue;
-#pragma unroll
-            for (int kb = 0; kb < 4; ++kb) {
-                const uint32_t a[4] = {Mma<T>::pack(s[2 * kb][0], s[2 * kb][1]),
-                                       Mma<T>::pack(s[2 * kb][2], s[2 * kb][3]),
-                                       Mma<T>::pack(s[2 * kb + 1][0], s[2 * kb + 1][1]),
-                                       Mma<T>::pack(s[2 * kb + 1][2], s[2 * kb + 1][3])};
-                const int key = kb * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
-#pragma unroll
-                for (int db = 0; db < OBLK / 2; ++db) {
-                    uint32_t b[4];
-                    ldmatrix_x4_trans(b, kt + tile_offset<D>(key, 2 * db + (lane >> 4)));
-                    Mma<T>::run(o[2 * db], a, b[0], b[1]);
-                    Mma<T>::run(o[2 * db + 1], a, b[2], b[3]);
-                }
-            }
+            accumulate_weighted_keys<T, D>(o, s, kt);
         }
     }
     cp_async_wait<0>();
