@@ -45,10 +45,10 @@ use super::fused::{
 use super::launch;
 use super::matrix::{DeviceElement, DeviceMatrix};
 use super::normalize::{normalize_rows, normalize_rows_backward};
-use super::unfused::{addr, cast_grad, sum_scaled};
+use super::unfused::{addr, cast_grad, reduce_losses, sum_scaled};
 use crate::error::{Error, Result};
 use crate::loss::Upstream;
-use crate::spec::{LossSpec, Mode, Reduction, Temperature, Variant};
+use crate::spec::{LossSpec, Mode, Temperature, Variant};
 use crate::tensor::DType;
 
 const MODULE: &str = "infonce_mma";
@@ -328,19 +328,7 @@ pub fn evaluate_device_tc<T: DeviceElement>(
         gpu.check_launch(K)?;
     }
 
-    let loss = match spec.reduction() {
-        Reduction::None => loss_row,
-        Reduction::Mean | Reduction::Sum => {
-            let c = Upstream::One
-                .weights(spec, n)?
-                .first()
-                .copied()
-                .unwrap_or(0.0);
-            let out = alloc(1)?;
-            sum_scaled(gpu, addr(&loss_row, gpu), n, c as f32, addr(&out, gpu))?;
-            out
-        }
-    };
+    let loss = reduce_losses(gpu, spec, loss_row, n)?;
     let grad_temperature = match &dtau_row {
         Some(rows) => {
             let out = alloc(1)?;
@@ -964,19 +952,7 @@ fn pair_eval<T: DeviceElement>(
         }
     }
 
-    let loss = match spec.reduction() {
-        Reduction::None => loss_each,
-        Reduction::Mean | Reduction::Sum => {
-            let c = Upstream::One
-                .weights(spec, losses)?
-                .first()
-                .copied()
-                .unwrap_or(0.0);
-            let out = alloc(1)?;
-            sum_scaled(gpu, lp, losses, c as f32, addr(&out, gpu))?;
-            out
-        }
-    };
+    let loss = reduce_losses(gpu, spec, loss_each, losses)?;
     let grad_temperature = match &dtau_acc {
         Some(acc) => {
             let out = alloc(1)?;

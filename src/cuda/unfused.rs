@@ -483,6 +483,28 @@ pub(crate) fn sum_scaled(gpu: &Gpu, x: u64, n: usize, c: f32, out: u64) -> Resul
     gpu.check_launch(K)
 }
 
+/// The loss `spec` asks for from `count` per-anchor losses at the device address `per_anchor`:
+/// `None` keeps them (the caller's buffer), `Mean`/`Sum` sum them scaled by the reduction's
+/// weight (`Upstream::One`: 1/count for mean, ½ for symmetric) into one f32.
+pub(crate) fn reduce_losses(
+    gpu: &Gpu,
+    spec: &LossSpec,
+    per_anchor: CudaSlice<f32>,
+    count: usize,
+) -> Result<CudaSlice<f32>> {
+    if spec.reduction() == Reduction::None {
+        return Ok(per_anchor);
+    }
+    let c = Upstream::One
+        .weights(spec, count)?
+        .first()
+        .copied()
+        .unwrap_or(0.0);
+    let out = gpu.stream().alloc_zeros::<f32>(1)?;
+    sum_scaled(gpu, addr(&per_anchor, gpu), count, c as f32, addr(&out, gpu))?;
+    Ok(out)
+}
+
 /// Converts an f32 gradient to the input dtype.
 pub(crate) fn cast_grad<T: DeviceElement>(
     gpu: &Gpu,
@@ -702,7 +724,7 @@ impl Unfused {
             .map(|x| x as f32)
             .collect();
         let weights = gpu.stream().clone_htod(&w)?;
-        let mut loss_each = f32_slice(gpu, losses)?;
+        let loss_each = f32_slice(gpu, losses)?;
         let lse = f32_slice(gpu, anchors)?;
         let lse_cols = if mode == Mode::Symmetric {
             Some(f32_slice(gpu, anchors)?)
@@ -944,19 +966,7 @@ impl Unfused {
         }
         drop((s_mat, g_lowp));
 
-        let loss = match spec.reduction() {
-            Reduction::None => std::mem::replace(&mut loss_each, f32_slice(gpu, 1)?),
-            Reduction::Mean | Reduction::Sum => {
-                let c = Upstream::One
-                    .weights(spec, losses)?
-                    .first()
-                    .copied()
-                    .unwrap_or(0.0);
-                let out = f32_slice(gpu, 1)?;
-                sum_scaled(gpu, loss_ptr, losses, c as f32, addr(&out, gpu))?;
-                out
-            }
-        };
+        let loss = reduce_losses(gpu, spec, loss_each, losses)?;
         Ok(DeviceOutput {
             loss,
             lse,
