@@ -39,7 +39,10 @@ pub mod tensor;
 pub mod train;
 
 pub use error::{Error, Result};
-pub use loss::{Gradient, LossInputs, LossOutput, LossValue, Shape, Upstream};
+pub use loss::{
+    check_shapes, Gradient, InputDims, LossInputs, LossOutput, LossValue, ProblemDims, Shape,
+    Upstream,
+};
 pub use spec::{DystressGrad, LossSpec, LossSpecBuilder, Mode, Reduction, Temperature, Variant};
 pub use tensor::{DType, Element, MatRef, Matrix};
 

@@ -68,163 +68,267 @@ impl<'a, T: Element> LossInputs<'a, T> {
 
     /// Checks the inputs against `spec` and returns the problem's sizes.
     ///
-    /// This is the only shape check in the crate: both backends call it before any work.
+    /// The shape rules live in [`check_shapes`], which the device path shares; this adds what only
+    /// host data allows (cross targets: exactly one per query, each in range).
     pub fn validate(&self, spec: &LossSpec) -> Result<Shape> {
-        if self.mode() != spec.mode() {
-            return Err(Error::parameter(
-                "mode",
-                spec.mode().name(),
-                format!("the inputs are for {} mode", self.mode().name()),
-            ));
-        }
-        let shape = |m: &MatRef<'a, T>| format!("[{}, {}]", m.rows(), m.cols());
-        let same_d = |m: &MatRef<'a, T>, d: usize, what: &str| -> Result<()> {
-            if m.cols() != d {
-                return Err(Error::shape(
-                    m.name(),
-                    shape(m),
-                    format!("[{}, {d}] (D = {d} as in {what})", m.rows()),
-                ));
-            }
-            Ok(())
+        let dims = |m: &MatRef<'a, T>| InputDims {
+            name: m.name(),
+            rows: m.rows(),
+            cols: m.cols(),
         };
-        let nonempty = |m: &MatRef<'a, T>| -> Result<()> {
-            if m.rows() == 0 {
-                return Err(Error::shape(
-                    m.name(),
-                    shape(m),
-                    "at least one row (N >= 1)",
-                ));
-            }
-            if m.cols() == 0 {
-                return Err(Error::shape(
-                    m.name(),
-                    shape(m),
-                    "at least one column (D >= 1)",
-                ));
-            }
-            Ok(())
-        };
-        let s = match *self {
+        let problem = match *self {
             LossInputs::Queue {
                 query,
                 positive,
                 queue,
-            } => {
-                nonempty(&query)?;
-                let (n, d) = (query.rows(), query.cols());
-                same_d(&positive, d, "query")?;
-                if positive.rows() != n {
-                    return Err(Error::shape(
-                        "positive",
-                        shape(&positive),
-                        format!("[{n}, {d}] (one positive per query)"),
-                    ));
-                }
-                // Even an empty queue must be [0, D]: a width mismatch is a caller's bug.
-                same_d(&queue, d, "query")?;
-                Shape {
-                    anchors: n,
-                    keys: queue.rows(),
-                    dim: d,
-                    negatives: queue.rows(),
-                }
-            }
-            LossInputs::InBatch { embeddings } => {
-                nonempty(&embeddings)?;
-                let r = embeddings.rows();
-                if r % 2 != 0 || r < 2 {
-                    return Err(Error::shape(
-                        "embeddings",
-                        shape(&embeddings),
-                        "[2N, D] with an even number of rows (rows a and a+N are a pair)",
-                    ));
-                }
-                Shape {
-                    anchors: r,
-                    keys: r,
-                    dim: embeddings.cols(),
-                    negatives: r - 2,
-                }
-            }
+            } => ProblemDims::Queue {
+                query: dims(&query),
+                positive: dims(&positive),
+                queue: dims(&queue),
+            },
+            LossInputs::InBatch { embeddings } => ProblemDims::InBatch {
+                embeddings: dims(&embeddings),
+            },
             LossInputs::Cross {
                 query,
                 key,
                 targets,
-            } => {
-                nonempty(&query)?;
-                let (n, d) = (query.rows(), query.cols());
-                same_d(&key, d, "query")?;
-                let m = key.rows();
-                match targets {
-                    Some(t) => {
-                        if t.len() != n {
-                            return Err(Error::shape(
-                                "targets",
-                                format!("[{}]", t.len()),
-                                format!("[{n}] (one target per query row)"),
-                            ));
-                        }
-                        if let Some((i, &y)) = t
-                            .iter()
-                            .enumerate()
-                            .find(|(_, &y)| y < 0 || y as usize >= m)
-                        {
-                            return Err(Error::parameter(
-                                format!("targets[{i}]"),
-                                y,
-                                format!("must be in [0, {m}) (key has {m} rows)"),
-                            ));
-                        }
-                    }
-                    None => {
-                        if m < n {
-                            return Err(Error::shape(
-                                "key",
-                                shape(&key),
-                                format!("at least {n} rows (default targets y_i = i need M >= N)"),
-                            ));
-                        }
-                    }
-                }
-                if m == 0 {
-                    return Err(Error::shape("key", shape(&key), "at least one row"));
-                }
-                Shape {
-                    anchors: n,
-                    keys: m,
-                    dim: d,
-                    negatives: m - 1,
-                }
-            }
-            LossInputs::Symmetric { query, key } => {
-                nonempty(&query)?;
-                let (n, d) = (query.rows(), query.cols());
-                same_d(&key, d, "query")?;
-                if key.rows() != n {
-                    return Err(Error::shape(
-                        "key",
-                        shape(&key),
-                        format!("[{n}, {d}] (symmetric mode pairs row i with row i)"),
-                    ));
-                }
-                Shape {
-                    anchors: n,
-                    keys: n,
-                    dim: d,
-                    negatives: n - 1,
-                }
-            }
+            } => ProblemDims::Cross {
+                query: dims(&query),
+                key: dims(&key),
+                targets: targets.map(<[i64]>::len),
+            },
+            LossInputs::Symmetric { query, key } => ProblemDims::Symmetric {
+                query: dims(&query),
+                key: dims(&key),
+            },
         };
-        if spec.variant() == Variant::Decoupled && s.negatives == 0 {
-            return Err(Error::parameter(
-                "variant",
-                "decoupled",
-                "needs at least one negative (the queue is empty or N = 1)",
-            ));
+        let s = check_shapes(spec, &problem)?;
+        if let LossInputs::Cross {
+            targets: Some(t), ..
+        } = *self
+        {
+            let (n, m) = (s.anchors, s.keys);
+            if t.len() != n {
+                return Err(Error::shape(
+                    "targets",
+                    format!("[{}]", t.len()),
+                    format!("[{n}] (one target per query row)"),
+                ));
+            }
+            if let Some((i, &y)) = t
+                .iter()
+                .enumerate()
+                .find(|(_, &y)| y < 0 || y as usize >= m)
+            {
+                return Err(Error::parameter(
+                    format!("targets[{i}]"),
+                    y,
+                    format!("must be in [0, {m}) (key has {m} rows)"),
+                ));
+            }
         }
         Ok(s)
     }
+}
+
+/// One input as the shape check sees it: its name and size (host or device data).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InputDims {
+    /// The input's name in error messages.
+    pub name: &'static str,
+    /// Rows (for a queue: the keys in use).
+    pub rows: usize,
+    /// Columns (D).
+    pub cols: usize,
+}
+
+/// A problem's inputs as the shape check sees them, one variant per [`Mode`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProblemDims {
+    /// Queue mode: `queue.rows` is the number of keys in use.
+    Queue {
+        /// The queries.
+        query: InputDims,
+        /// One positive per query.
+        positive: InputDims,
+        /// The negatives.
+        queue: InputDims,
+    },
+    /// Inbatch mode: 2N rows.
+    InBatch {
+        /// The embeddings.
+        embeddings: InputDims,
+    },
+    /// Cross mode; `targets` is the length of the target array, if given.
+    Cross {
+        /// The queries.
+        query: InputDims,
+        /// The keys.
+        key: InputDims,
+        /// The number of targets given (at least one per query is required here).
+        targets: Option<usize>,
+    },
+    /// Symmetric mode.
+    Symmetric {
+        /// Row i pairs with key row i.
+        query: InputDims,
+        /// As query.
+        key: InputDims,
+    },
+}
+
+impl ProblemDims {
+    /// The mode these inputs are for.
+    pub fn mode(&self) -> Mode {
+        match self {
+            ProblemDims::Queue { .. } => Mode::Queue,
+            ProblemDims::InBatch { .. } => Mode::InBatch,
+            ProblemDims::Cross { .. } => Mode::Cross,
+            ProblemDims::Symmetric { .. } => Mode::Symmetric,
+        }
+    }
+}
+
+/// The crate's one shape check (both backends call it before any work): the inputs' sizes
+/// against `spec`, returning the problem's sizes.
+pub fn check_shapes(spec: &LossSpec, dims: &ProblemDims) -> Result<Shape> {
+    if dims.mode() != spec.mode() {
+        return Err(Error::parameter(
+            "mode",
+            spec.mode().name(),
+            format!("the inputs are for {} mode", dims.mode().name()),
+        ));
+    }
+    let shape = |m: &InputDims| format!("[{}, {}]", m.rows, m.cols);
+    let same_d = |m: &InputDims, d: usize, what: &str| -> Result<()> {
+        if m.cols != d {
+            return Err(Error::shape(
+                m.name,
+                shape(m),
+                format!("[{}, {d}] (D = {d} as in {what})", m.rows),
+            ));
+        }
+        Ok(())
+    };
+    let nonempty = |m: &InputDims| -> Result<()> {
+        if m.rows == 0 {
+            return Err(Error::shape(m.name, shape(m), "at least one row (N >= 1)"));
+        }
+        if m.cols == 0 {
+            return Err(Error::shape(
+                m.name,
+                shape(m),
+                "at least one column (D >= 1)",
+            ));
+        }
+        Ok(())
+    };
+    let s = match *dims {
+        ProblemDims::Queue {
+            query,
+            positive,
+            queue,
+        } => {
+            nonempty(&query)?;
+            let (n, d) = (query.rows, query.cols);
+            same_d(&positive, d, "query")?;
+            if positive.rows != n {
+                return Err(Error::shape(
+                    positive.name,
+                    shape(&positive),
+                    format!("[{n}, {d}] (one positive per query)"),
+                ));
+            }
+            // Even an empty queue must be [0, D]: a width mismatch is a caller's bug.
+            same_d(&queue, d, "query")?;
+            Shape {
+                anchors: n,
+                keys: queue.rows,
+                dim: d,
+                negatives: queue.rows,
+            }
+        }
+        ProblemDims::InBatch { embeddings } => {
+            nonempty(&embeddings)?;
+            let r = embeddings.rows;
+            if r % 2 != 0 || r < 2 {
+                return Err(Error::shape(
+                    embeddings.name,
+                    shape(&embeddings),
+                    "[2N, D] with an even number of rows (rows a and a+N are a pair)",
+                ));
+            }
+            Shape {
+                anchors: r,
+                keys: r,
+                dim: embeddings.cols,
+                negatives: r - 2,
+            }
+        }
+        ProblemDims::Cross {
+            query,
+            key,
+            targets,
+        } => {
+            nonempty(&query)?;
+            let (n, d) = (query.rows, query.cols);
+            same_d(&key, d, "query")?;
+            let m = key.rows;
+            match targets {
+                Some(t) if t < n => {
+                    return Err(Error::shape(
+                        "targets",
+                        format!("[{t}]"),
+                        format!("[{n}] (one target per query row)"),
+                    ))
+                }
+                None if m < n => {
+                    return Err(Error::shape(
+                        key.name,
+                        shape(&key),
+                        format!("at least {n} rows (default targets y_i = i need M >= N)"),
+                    ))
+                }
+                _ => {}
+            }
+            if m == 0 {
+                return Err(Error::shape(key.name, shape(&key), "at least one row"));
+            }
+            Shape {
+                anchors: n,
+                keys: m,
+                dim: d,
+                negatives: m - 1,
+            }
+        }
+        ProblemDims::Symmetric { query, key } => {
+            nonempty(&query)?;
+            let (n, d) = (query.rows, query.cols);
+            same_d(&key, d, "query")?;
+            if key.rows != n {
+                return Err(Error::shape(
+                    key.name,
+                    shape(&key),
+                    format!("[{n}, {d}] (symmetric mode pairs row i with row i)"),
+                ));
+            }
+            Shape {
+                anchors: n,
+                keys: n,
+                dim: d,
+                negatives: n - 1,
+            }
+        }
+    };
+    if spec.variant() == Variant::Decoupled && s.negatives == 0 {
+        return Err(Error::parameter(
+            "variant",
+            "decoupled",
+            "needs at least one negative (the queue is empty or N = 1)",
+        ));
+    }
+    Ok(s)
 }
 
 /// The sizes of a validated problem.

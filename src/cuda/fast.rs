@@ -42,6 +42,7 @@ use super::fused::{
     DeviceGrad, DeviceInputs, DeviceOptions, DeviceOutput, GradDType, GradFilter, KernelPath,
     QueueView,
 };
+use super::kernels_v1::device_shape;
 use super::launch;
 use super::matrix::{DeviceElement, DeviceMatrix};
 use super::normalize::{normalize_rows, normalize_rows_backward};
@@ -146,27 +147,16 @@ pub fn evaluate_device_tc<T: DeviceElement>(
             ))
         }
     };
-    // What the inputs decide, checked before any work (normalisation and the f16 rounding of the
-    // tf32 path both launch kernels); the full shape checks follow on the path taken.
-    if inputs_mode(inputs) != spec.mode() {
-        return Err(Error::parameter(
-            "mode",
-            spec.mode().name(),
-            format!("the inputs are for {} mode", inputs_mode(inputs).name()),
-        ));
-    }
+    // The shapes (the crate's one check) and what the tensor-core kernels support, before any
+    // work (normalisation and the tf32 path's f16 rounding both launch kernels).
+    let shape = device_shape(spec, inputs)?;
     if spec.grad_queue() {
         return Err(unsupported(
             "the queue's gradient (the backward pass is not written)",
         ));
     }
-    let d_in = match *inputs {
-        DeviceInputs::Queue { query, .. } => query.cols(),
-        DeviceInputs::InBatch { embeddings } => embeddings.cols(),
-        DeviceInputs::Cross { query, .. } | DeviceInputs::Symmetric { query, .. } => query.cols(),
-    };
-    if d_in != 64 && d_in != 128 {
-        return Err(unsupported(format!("D = {d_in} (64 or 128)")));
+    if shape.dim != 64 && shape.dim != 128 {
+        return Err(unsupported(format!("D = {} (64 or 128)", shape.dim)));
     }
     // Normalisation first (in the input dtype; for f32 before the tf32 path's rounding to f16,
     // so small or large rows are normalised exactly and then rounded as unit rows).
@@ -185,29 +175,7 @@ pub fn evaluate_device_tc<T: DeviceElement>(
         return pair_eval(gpu, spec, inputs, upstream, opts, tau, learnable, theta);
     };
     let (n, d) = (query.rows(), query.cols());
-    if n == 0 || (positive.rows(), positive.cols()) != (n, d) {
-        return Err(Error::shape(
-            "positive",
-            format!("[{}, {}]", positive.rows(), positive.cols()),
-            format!("[{n}, {d}] (as query, N >= 1)"),
-        ));
-    }
-    if d != 64 && d != 128 {
-        return Err(unsupported(format!("D = {d} (64 or 128)")));
-    }
-    let cap = queue.keys.rows();
-    let k = queue.len;
-    if k > 0 && (queue.keys.cols() != d || queue.start >= cap || k > cap) {
-        return Err(Error::shape(
-            "queue",
-            format!(
-                "[{cap}, {}] view start {} len {k}",
-                queue.keys.cols(),
-                queue.start
-            ),
-            format!("D = {d}, start < capacity, len <= capacity"),
-        ));
-    }
+    let (cap, k) = (queue.keys.rows(), queue.len);
 
     let stream = gpu.stream();
     let w: Vec<f32> = upstream
@@ -718,7 +686,8 @@ fn pair_launch<T: DeviceElement>(
     gpu.check_launch(K)
 }
 
-/// Inbatch, cross and symmetric modes on the pair kernels (D = 64 or 128).
+/// Inbatch, cross and symmetric modes on the pair kernels (the caller checked the shapes and
+/// D = 64 or 128).
 #[allow(clippy::too_many_arguments)]
 fn pair_eval<T: DeviceElement>(
     gpu: &Gpu,
@@ -730,37 +699,16 @@ fn pair_eval<T: DeviceElement>(
     learnable: bool,
     theta: f32,
 ) -> Result<DeviceOutput<T>> {
-    if inputs_mode(inputs) != spec.mode() {
-        return Err(Error::parameter(
-            "mode",
-            spec.mode().name(),
-            format!("the inputs are for {} mode", inputs_mode(inputs).name()),
-        ));
-    }
     let stream = gpu.stream();
     let alpha = (1.0 / tau) as f32;
     let scale_log2 = (std::f64::consts::LOG2_E / tau) as f32;
     let grads_on = !opts.forward_only;
-    let check_d = |d: usize| -> Result<()> {
-        if d != 64 && d != 128 {
-            return Err(unsupported(format!("D = {d} (64 or 128)")));
-        }
-        Ok(())
-    };
     let alloc = |len: usize| stream.alloc_zeros::<f32>(len.max(1));
 
     // (forward side, the swapped side for the second gradient, the inputs' names and shapes).
     let (fwd, d, second): (Side, usize, Option<(Side, &'static str, usize)>) = match *inputs {
         DeviceInputs::InBatch { embeddings } => {
             let (r, d) = (embeddings.rows(), embeddings.cols());
-            if r < 2 || r % 2 != 0 {
-                return Err(Error::shape(
-                    "embeddings",
-                    format!("[{r}, {d}]"),
-                    "[2N, D] with an even number of rows",
-                ));
-            }
-            check_d(d)?;
             let e = addr(embeddings.slice(), gpu);
             let side = Side {
                 x: e,
@@ -780,23 +728,6 @@ fn pair_eval<T: DeviceElement>(
             targets,
         } => {
             let (n, d, m) = (query.rows(), query.cols(), key.rows());
-            if key.cols() != d || m == 0 || (targets.is_none() && m < n) {
-                return Err(Error::shape(
-                    "key",
-                    format!("[{m}, {}]", key.cols()),
-                    format!("[M >= 1 (>= {n} without targets), {d}]"),
-                ));
-            }
-            if let Some(t) = targets {
-                if t.len() < n {
-                    return Err(Error::shape(
-                        "targets",
-                        format!("[{}]", t.len()),
-                        format!("[{n}]"),
-                    ));
-                }
-            }
-            check_d(d)?;
             let (a, b) = (addr(query.slice(), gpu), addr(key.slice(), gpu));
             let (kind, t) = match targets {
                 Some(t) => (TGT_ARRAY, addr(t, gpu)),
@@ -823,14 +754,6 @@ fn pair_eval<T: DeviceElement>(
         }
         DeviceInputs::Symmetric { query, key } => {
             let (n, d) = (query.rows(), query.cols());
-            if (key.rows(), key.cols()) != (n, d) {
-                return Err(Error::shape(
-                    "key",
-                    format!("[{}, {}]", key.rows(), key.cols()),
-                    format!("[{n}, {d}] (as query)"),
-                ));
-            }
-            check_d(d)?;
             let (a, b) = (addr(query.slice(), gpu), addr(key.slice(), gpu));
             let fwd = Side {
                 x: a,
@@ -969,15 +892,6 @@ fn pair_eval<T: DeviceElement>(
         grads,
         grad_temperature,
     })
-}
-
-fn inputs_mode<T: DeviceElement>(inputs: &DeviceInputs<'_, T>) -> Mode {
-    match inputs {
-        DeviceInputs::Queue { .. } => Mode::Queue,
-        DeviceInputs::InBatch { .. } => Mode::InBatch,
-        DeviceInputs::Cross { .. } => Mode::Cross,
-        DeviceInputs::Symmetric { .. } => Mode::Symmetric,
-    }
 }
 
 #[cfg(test)]

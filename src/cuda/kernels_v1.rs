@@ -24,7 +24,7 @@ use super::launch;
 use super::matrix::{DeviceElement, DeviceMatrix};
 use super::normalize::normalize_rows;
 use crate::error::{Error, Result};
-use crate::loss::{Shape, Upstream};
+use crate::loss::{check_shapes, InputDims, ProblemDims, Shape, Upstream};
 use crate::spec::{DystressGrad, LossSpec, Mode, Reduction, Temperature, Variant};
 
 /// The kernel module (`kernels/infonce.cu`).
@@ -274,65 +274,25 @@ fn fill_nan<T: DeviceElement>(gpu: &Gpu, s: &mut CudaSlice<T>) -> Result<()> {
     Ok(gpu.stream().memcpy_htod(&v, s)?)
 }
 
-/// Checks device inputs against `spec` (the rules of [`crate::LossInputs::validate`], on shapes
-/// only: device targets are the caller's to keep in range) and returns the problem's sizes.
+/// Checks device inputs against `spec` with the crate's one shape check
+/// ([`crate::loss::check_shapes`]; a queue counts its `len` keys in use, and its buffer must be D
+/// wide even when empty) after what only a ring view has: `start < capacity`, `len <= capacity`.
+/// Device targets are the caller's to keep in range (reading them back would cost a copy).
 pub fn device_shape<T: DeviceElement>(
     spec: &LossSpec,
     inputs: &DeviceInputs<'_, T>,
 ) -> Result<Shape> {
-    let mode = match inputs {
-        DeviceInputs::Queue { .. } => Mode::Queue,
-        DeviceInputs::InBatch { .. } => Mode::InBatch,
-        DeviceInputs::Cross { .. } => Mode::Cross,
-        DeviceInputs::Symmetric { .. } => Mode::Symmetric,
+    let dims = |name: &'static str, m: &DeviceMatrix<T>| InputDims {
+        name,
+        rows: m.rows(),
+        cols: m.cols(),
     };
-    if mode != spec.mode() {
-        return Err(Error::parameter(
-            "mode",
-            spec.mode().name(),
-            format!("the inputs are for {} mode", mode.name()),
-        ));
-    }
-    let shape =
-        |name: &'static str, m: &DeviceMatrix<T>| (name, format!("[{}, {}]", m.rows(), m.cols()));
-    let nonempty = |name: &'static str, m: &DeviceMatrix<T>| -> Result<()> {
-        let (n, s) = shape(name, m);
-        if m.rows() == 0 {
-            return Err(Error::shape(n, s, "at least one row (N >= 1)"));
-        }
-        if m.cols() == 0 {
-            return Err(Error::shape(n, s, "at least one column (D >= 1)"));
-        }
-        Ok(())
-    };
-    let same_d = |name: &'static str, m: &DeviceMatrix<T>, d: usize| -> Result<()> {
-        if m.cols() != d {
-            let (n, s) = shape(name, m);
-            return Err(Error::shape(
-                n,
-                s,
-                format!("[{}, {d}] (D = {d} as in query)", m.rows()),
-            ));
-        }
-        Ok(())
-    };
-    let s = match *inputs {
+    let problem = match *inputs {
         DeviceInputs::Queue {
             query,
             positive,
             queue,
         } => {
-            nonempty("query", query)?;
-            let (n, d) = (query.rows(), query.cols());
-            same_d("positive", positive, d)?;
-            if positive.rows() != n {
-                let (nm, s) = shape("positive", positive);
-                return Err(Error::shape(
-                    nm,
-                    s,
-                    format!("[{n}, {d}] (one positive per query)"),
-                ));
-            }
             let cap = queue.keys.rows();
             if queue.len > cap || (cap > 0 && queue.start >= cap) || (cap == 0 && queue.start != 0)
             {
@@ -345,100 +305,33 @@ pub fn device_shape<T: DeviceElement>(
                     "start < capacity and len <= capacity",
                 ));
             }
-            if queue.len > 0 {
-                same_d("queue", queue.keys, d)?;
-            }
-            Shape {
-                anchors: n,
-                keys: queue.len,
-                dim: d,
-                negatives: queue.len,
-            }
-        }
-        DeviceInputs::InBatch { embeddings } => {
-            nonempty("embeddings", embeddings)?;
-            let r = embeddings.rows();
-            if r % 2 != 0 || r < 2 {
-                let (nm, s) = shape("embeddings", embeddings);
-                return Err(Error::shape(
-                    nm,
-                    s,
-                    "[2N, D] with an even number of rows (rows a and a+N are a pair)",
-                ));
-            }
-            Shape {
-                anchors: r,
-                keys: r,
-                dim: embeddings.cols(),
-                negatives: r - 2,
+            ProblemDims::Queue {
+                query: dims("query", query),
+                positive: dims("positive", positive),
+                queue: InputDims {
+                    rows: queue.len,
+                    ..dims("queue", queue.keys)
+                },
             }
         }
+        DeviceInputs::InBatch { embeddings } => ProblemDims::InBatch {
+            embeddings: dims("embeddings", embeddings),
+        },
         DeviceInputs::Cross {
             query,
             key,
             targets,
-        } => {
-            nonempty("query", query)?;
-            let (n, d) = (query.rows(), query.cols());
-            same_d("key", key, d)?;
-            let m = key.rows();
-            match targets {
-                Some(t) if t.len() < n => {
-                    return Err(Error::shape(
-                        "targets",
-                        format!("[{}]", t.len()),
-                        format!("[{n}] (one target per query row)"),
-                    ))
-                }
-                None if m < n => {
-                    let (nm, s) = shape("key", key);
-                    return Err(Error::shape(
-                        nm,
-                        s,
-                        format!("at least {n} rows (default targets y_i = i need M >= N)"),
-                    ));
-                }
-                _ => {}
-            }
-            if m == 0 {
-                let (nm, s) = shape("key", key);
-                return Err(Error::shape(nm, s, "at least one row"));
-            }
-            Shape {
-                anchors: n,
-                keys: m,
-                dim: d,
-                negatives: m - 1,
-            }
-        }
-        DeviceInputs::Symmetric { query, key } => {
-            nonempty("query", query)?;
-            let (n, d) = (query.rows(), query.cols());
-            same_d("key", key, d)?;
-            if key.rows() != n {
-                let (nm, s) = shape("key", key);
-                return Err(Error::shape(
-                    nm,
-                    s,
-                    format!("[{n}, {d}] (symmetric mode pairs row i with row i)"),
-                ));
-            }
-            Shape {
-                anchors: n,
-                keys: n,
-                dim: d,
-                negatives: n - 1,
-            }
-        }
+        } => ProblemDims::Cross {
+            query: dims("query", query),
+            key: dims("key", key),
+            targets: targets.map(|t| t.len()),
+        },
+        DeviceInputs::Symmetric { query, key } => ProblemDims::Symmetric {
+            query: dims("query", query),
+            key: dims("key", key),
+        },
     };
-    if spec.variant() == Variant::Decoupled && s.negatives == 0 {
-        return Err(Error::parameter(
-            "variant",
-            "decoupled",
-            "needs at least one negative (the queue is empty or N = 1)",
-        ));
-    }
-    Ok(s)
+    check_shapes(spec, &problem)
 }
 
 /// The spec's temperature and variant as kernel parameters.

@@ -26,6 +26,7 @@ use super::device::Gpu;
 use super::fused::{
     DeviceGrad, DeviceInputs, DeviceOptions, DeviceOutput, GradDType, KernelPath, QueueView,
 };
+use super::kernels_v1::device_shape;
 use super::launch;
 use super::matrix::{DeviceElement, DeviceMatrix};
 use crate::error::{Error, Result};
@@ -501,7 +502,13 @@ pub(crate) fn reduce_losses(
         .copied()
         .unwrap_or(0.0);
     let out = gpu.stream().alloc_zeros::<f32>(1)?;
-    sum_scaled(gpu, addr(&per_anchor, gpu), count, c as f32, addr(&out, gpu))?;
+    sum_scaled(
+        gpu,
+        addr(&per_anchor, gpu),
+        count,
+        c as f32,
+        addr(&out, gpu),
+    )?;
     Ok(out)
 }
 
@@ -607,96 +614,9 @@ impl Unfused {
         let es = std::mem::size_of::<T>() as u64;
         let lowp = grads_on && T::DTYPE != DType::F32;
 
-        // Shapes and the key segments.
-        let (mode, anchors, d, keys_rows) = match inputs {
-            DeviceInputs::Queue {
-                query,
-                positive,
-                queue,
-            } => {
-                if positive.rows() != query.rows() || positive.cols() != query.cols() {
-                    return Err(Error::shape(
-                        "positive",
-                        format!("[{}, {}]", positive.rows(), positive.cols()),
-                        format!("[{}, {}] (as query)", query.rows(), query.cols()),
-                    ));
-                }
-                if queue.len > 0 && queue.keys.cols() != query.cols() {
-                    return Err(Error::shape(
-                        "queue",
-                        format!("[{}, {}]", queue.keys.rows(), queue.keys.cols()),
-                        format!("D = {}", query.cols()),
-                    ));
-                }
-                (Mode::Queue, query.rows(), query.cols(), queue.len)
-            }
-            DeviceInputs::InBatch { embeddings } => {
-                if embeddings.rows() % 2 != 0 || embeddings.rows() < 2 {
-                    return Err(Error::shape(
-                        "embeddings",
-                        format!("[{}, {}]", embeddings.rows(), embeddings.cols()),
-                        "[2N, D] with an even number of rows",
-                    ));
-                }
-                (
-                    Mode::InBatch,
-                    embeddings.rows(),
-                    embeddings.cols(),
-                    embeddings.rows(),
-                )
-            }
-            DeviceInputs::Cross {
-                query,
-                key,
-                targets,
-            } => {
-                if key.cols() != query.cols() || key.rows() == 0 {
-                    return Err(Error::shape(
-                        "key",
-                        format!("[{}, {}]", key.rows(), key.cols()),
-                        format!("[M >= 1, {}]", query.cols()),
-                    ));
-                }
-                match targets {
-                    Some(t) if t.len() < query.rows() => {
-                        return Err(Error::shape(
-                            "targets",
-                            format!("[{}]", t.len()),
-                            format!("[{}]", query.rows()),
-                        ))
-                    }
-                    None if key.rows() < query.rows() => {
-                        return Err(Error::shape(
-                            "key",
-                            format!("[{}, {}]", key.rows(), key.cols()),
-                            format!("at least {} rows (default targets)", query.rows()),
-                        ))
-                    }
-                    _ => {}
-                }
-                (Mode::Cross, query.rows(), query.cols(), key.rows())
-            }
-            DeviceInputs::Symmetric { query, key } => {
-                if key.rows() != query.rows() || key.cols() != query.cols() {
-                    return Err(Error::shape(
-                        "key",
-                        format!("[{}, {}]", key.rows(), key.cols()),
-                        format!("[{}, {}] (as query)", query.rows(), query.cols()),
-                    ));
-                }
-                (Mode::Symmetric, query.rows(), query.cols(), key.rows())
-            }
-        };
-        if mode != spec.mode() {
-            return Err(Error::parameter(
-                "mode",
-                spec.mode().name(),
-                format!("the inputs are for {} mode", mode.name()),
-            ));
-        }
-        if anchors == 0 || d == 0 {
-            return Err(Error::shape("query", "an empty matrix", "N >= 1, D >= 1"));
-        }
+        // Shapes (the crate's one check) and the key rows.
+        let shape = device_shape(spec, inputs)?;
+        let (mode, anchors, d, keys_rows) = (spec.mode(), shape.anchors, shape.dim, shape.keys);
 
         // Does the O(N·K) scratch fit?
         let need = scratch_bytes(mode, anchors, keys_rows, T::DTYPE, grads_on);
