@@ -11,65 +11,15 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use cudarc::driver::sys::CUevent_flags;
-use fused_infonce::cuda::bench::{fill_unit_rows, preset_fits, Preset, PRESETS};
+use fused_infonce::cuda::bench::{preset_fits, PresetInputs, PRESETS};
 use fused_infonce::cuda::unfused::Unfused;
-use fused_infonce::cuda::{
-    self, gpu_or_skip, DeviceInputs, DeviceMatrix, DeviceOptions, Gpu, QueueView,
-};
-use fused_infonce::{bf16, cpu, Element, LossInputs, MatRef, Mode, Upstream};
+use fused_infonce::cuda::{self, gpu_or_skip, DeviceOptions, Gpu};
+use fused_infonce::{cpu, Element, LossInputs, MatRef, Upstream};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 fn full_bench_run() -> bool {
     std::env::args().any(|a| a == "--bench")
-}
-
-struct Inputs {
-    a: DeviceMatrix<bf16>,
-    b: DeviceMatrix<bf16>,
-    c: DeviceMatrix<bf16>,
-}
-
-impl Inputs {
-    fn new(gpu: &Gpu, p: &Preset) -> fused_infonce::Result<Self> {
-        let (ra, rb, rc) = match p.mode {
-            Mode::Queue => (p.anchors, p.anchors, p.keys),
-            Mode::InBatch => (p.anchors, 0, 0),
-            _ => (p.anchors, p.keys, 0),
-        };
-        let mk = |rows, seed| -> fused_infonce::Result<DeviceMatrix<bf16>> {
-            let mut m = DeviceMatrix::zeros(gpu, rows, p.dim)?;
-            fill_unit_rows(gpu, &mut m, seed)?;
-            Ok(m)
-        };
-        Ok(Self {
-            a: mk(ra, 1)?,
-            b: mk(rb, 2)?,
-            c: mk(rc, 3)?,
-        })
-    }
-
-    fn view(&self, mode: Mode) -> DeviceInputs<'_, bf16> {
-        match mode {
-            Mode::Queue => DeviceInputs::Queue {
-                query: &self.a,
-                positive: &self.b,
-                queue: QueueView::whole(&self.c),
-            },
-            Mode::InBatch => DeviceInputs::InBatch {
-                embeddings: &self.a,
-            },
-            Mode::Cross => DeviceInputs::Cross {
-                query: &self.a,
-                key: &self.b,
-                targets: None,
-            },
-            Mode::Symmetric => DeviceInputs::Symmetric {
-                query: &self.a,
-                key: &self.b,
-            },
-        }
-    }
 }
 
 /// Device time of `iters` calls, measured with CUDA events; a failing call ends the benchmark
@@ -113,7 +63,7 @@ fn gpu_presets(c: &mut Criterion) {
             eprintln!("{}: skipped: {e}", p.name);
             continue;
         }
-        let inputs = match Inputs::new(&gpu, &p) {
+        let inputs = match PresetInputs::random(&gpu, &p, 0) {
             Ok(i) => i,
             Err(e) => {
                 eprintln!("{}: skipped: {e}", p.name);
@@ -121,7 +71,7 @@ fn gpu_presets(c: &mut Criterion) {
             }
         };
         let spec = p.spec().expect("preset specs are valid");
-        let view = inputs.view(p.mode);
+        let view = inputs.inputs(p.mode);
         let opts = DeviceOptions::default();
         // Probe once: an unavailable implementation is reported, not benchmarked.
         match cuda::evaluate_device(&gpu, &spec, &view, &Upstream::One, &opts) {

@@ -7,11 +7,13 @@ use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::device::Gpu;
+use super::fused::{DeviceInputs, QueueView};
 use super::launch;
 use super::matrix::{DeviceElement, DeviceMatrix};
 use super::unfused::{addr, cublas_handle, GemmCall};
 use crate::error::{Error, Result};
 use crate::spec::{LossSpec, Mode};
+use half::bf16;
 
 /// Repetitions below which a median is not reported as a benchmark figure.
 pub const MIN_REPEAT: usize = 20;
@@ -200,6 +202,67 @@ pub fn pool_peak<R>(gpu: &Gpu, f: impl FnOnce() -> Result<R>) -> Result<(R, Opti
         None => None,
     };
     Ok((r, peak))
+}
+
+/// A preset's device inputs (bf16): `a`, `b`, `c` are query / positive / queue (queue mode),
+/// the embeddings (inbatch), query / key (cross, symmetric); the ones a mode does not use are
+/// empty.
+pub struct PresetInputs {
+    /// The first input.
+    pub a: DeviceMatrix<bf16>,
+    /// The second input (empty in inbatch mode).
+    pub b: DeviceMatrix<bf16>,
+    /// The queue (empty outside queue mode).
+    pub c: DeviceMatrix<bf16>,
+}
+
+impl PresetInputs {
+    /// The rows of `a`, `b` and `c` for `p`'s mode.
+    pub fn rows(p: &Preset) -> (usize, usize, usize) {
+        match p.mode {
+            Mode::Queue => (p.anchors, p.anchors, p.keys),
+            Mode::InBatch => (p.anchors, 0, 0),
+            _ => (p.anchors, p.keys, 0),
+        }
+    }
+
+    /// Random unit rows filled on the device ([`fill_unit_rows`], seeds `3·seed + 1 … + 3`).
+    pub fn random(gpu: &Gpu, p: &Preset, seed: u64) -> Result<Self> {
+        let (ra, rb, rc) = Self::rows(p);
+        let mk = |rows: usize, s: u64| -> Result<DeviceMatrix<bf16>> {
+            let mut m = DeviceMatrix::zeros(gpu, rows, p.dim)?;
+            fill_unit_rows(gpu, &mut m, s)?;
+            Ok(m)
+        };
+        Ok(Self {
+            a: mk(ra, 3 * seed + 1)?,
+            b: mk(rb, 3 * seed + 2)?,
+            c: mk(rc, 3 * seed + 3)?,
+        })
+    }
+
+    /// The inputs of `mode` over these buffers (cross mode with the default targets).
+    pub fn inputs(&self, mode: Mode) -> DeviceInputs<'_, bf16> {
+        match mode {
+            Mode::Queue => DeviceInputs::Queue {
+                query: &self.a,
+                positive: &self.b,
+                queue: QueueView::whole(&self.c),
+            },
+            Mode::InBatch => DeviceInputs::InBatch {
+                embeddings: &self.a,
+            },
+            Mode::Cross => DeviceInputs::Cross {
+                query: &self.a,
+                key: &self.b,
+                targets: None,
+            },
+            Mode::Symmetric => DeviceInputs::Symmetric {
+                query: &self.a,
+                key: &self.b,
+            },
+        }
+    }
 }
 
 /// A benchmark shape of spec/performance.md.

@@ -12,13 +12,12 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use fused_infonce::cuda::bench::{
-    fill_unit_rows, measure_peaks, pool_peak, preset_fits, time_device, Peaks, Preset, Timing,
+    measure_peaks, pool_peak, preset_fits, time_device, Peaks, Preset, PresetInputs, Timing,
     MIN_REPEAT, PRESETS,
 };
 use fused_infonce::cuda::unfused::{scratch_bytes, Unfused};
 use fused_infonce::cuda::{
-    self, DeviceElement, DeviceGrad, DeviceInputs, DeviceMatrix, DeviceOptions, DeviceOutput, Gpu,
-    QueueView,
+    self, DeviceElement, DeviceGrad, DeviceMatrix, DeviceOptions, DeviceOutput, Gpu,
 };
 use fused_infonce::{bf16, cpu, Element, LossInputs, LossOutput, MatRef, Mode, Result, Upstream};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -235,11 +234,7 @@ struct HostCase {
 
 impl HostCase {
     fn new(p: Preset) -> Self {
-        let (ra, rb, rc) = match p.mode {
-            Mode::Queue => (p.anchors, p.anchors, p.keys),
-            Mode::InBatch => (p.anchors, 0, 0),
-            _ => (p.anchors, p.keys, 0),
-        };
+        let (ra, rb, rc) = PresetInputs::rows(&p);
         Self {
             a: host_rows(1, ra, p.dim),
             b: host_rows(2, rb, p.dim),
@@ -363,68 +358,20 @@ fn progress(len: u64) -> ProgressBar {
 // ---------------------------------------------------------------------------------------------
 // On the GPU.
 
-/// Device inputs of one preset (bf16), possibly several copies to rotate through.
-struct DevSet {
-    a: DeviceMatrix<bf16>,
-    b: DeviceMatrix<bf16>,
-    c: DeviceMatrix<bf16>,
-}
-
-impl DevSet {
-    fn random(gpu: &Gpu, p: &Preset, seed: u64) -> Result<Self> {
-        let (ra, rb, rc) = match p.mode {
-            Mode::Queue => (p.anchors, p.anchors, p.keys),
-            Mode::InBatch => (p.anchors, 0, 0),
-            _ => (p.anchors, p.keys, 0),
-        };
-        let mk = |rows: usize, s: u64| -> Result<DeviceMatrix<bf16>> {
-            let mut m = DeviceMatrix::zeros(gpu, rows, p.dim)?;
-            fill_unit_rows(gpu, &mut m, s)?;
-            Ok(m)
-        };
-        Ok(Self {
-            a: mk(ra, 3 * seed + 1)?,
-            b: mk(rb, 3 * seed + 2)?,
-            c: mk(rc, 3 * seed + 3)?,
-        })
-    }
-
-    fn upload(gpu: &Gpu, h: &HostCase) -> Result<Self> {
-        let d = h.p.dim;
-        let up = |v: &[bf16], name| -> Result<DeviceMatrix<bf16>> {
-            if v.is_empty() {
-                return DeviceMatrix::zeros(gpu, 0, d);
-            }
-            DeviceMatrix::upload(gpu, &MatRef::new(name, v, v.len() / d, d)?)
-        };
-        Ok(Self {
-            a: up(&h.a, "a")?,
-            b: up(&h.b, "b")?,
-            c: up(&h.c, "c")?,
-        })
-    }
-
-    fn inputs(&self, mode: Mode) -> DeviceInputs<'_, bf16> {
-        match mode {
-            Mode::Queue => DeviceInputs::Queue {
-                query: &self.a,
-                positive: &self.b,
-                queue: QueueView::whole(&self.c),
-            },
-            Mode::InBatch => DeviceInputs::InBatch {
-                embeddings: &self.a,
-            },
-            Mode::Cross => DeviceInputs::Cross {
-                query: &self.a,
-                key: &self.b,
-                targets: None,
-            },
-            Mode::Symmetric => DeviceInputs::Symmetric {
-                query: &self.a,
-                key: &self.b,
-            },
+/// Uploads a host case into preset buffers (`a`, `b`, `c` as [`PresetInputs`]).
+fn upload(gpu: &Gpu, h: &HostCase) -> Result<PresetInputs> {
+    let d = h.p.dim;
+    let up = |v: &[bf16], name| -> Result<DeviceMatrix<bf16>> {
+        if v.is_empty() {
+            return DeviceMatrix::zeros(gpu, 0, d);
         }
-    }
+        DeviceMatrix::upload(gpu, &MatRef::new(name, v, v.len() / d, d)?)
+    };
+    Ok(PresetInputs {
+        a: up(&h.a, "a")?,
+        b: up(&h.b, "b")?,
+        c: up(&h.c, "c")?,
+    })
 }
 
 fn rel_l2(got: &[f64], want: &[f64]) -> f64 {
@@ -480,7 +427,12 @@ enum Which<'a> {
     Unfused(&'a Unfused),
 }
 
-fn eval(gpu: &Gpu, which: &Which<'_>, p: &Preset, set: &DevSet) -> Result<DeviceOutput<bf16>> {
+fn eval(
+    gpu: &Gpu,
+    which: &Which<'_>,
+    p: &Preset,
+    set: &PresetInputs,
+) -> Result<DeviceOutput<bf16>> {
     let spec = p.spec()?;
     let inputs = set.inputs(p.mode);
     match which {
@@ -516,7 +468,7 @@ fn check(
     host: &HostCase,
     want: &LossOutput,
 ) -> Option<String> {
-    let r = DevSet::upload(gpu, host).and_then(|set| {
+    let r = upload(gpu, host).and_then(|set| {
         let out = eval(gpu, which, small, &set)?;
         max_error(gpu, &out, want)
     });
@@ -539,7 +491,7 @@ fn measure(
     gpu: &Gpu,
     which: &Which<'_>,
     p: &Preset,
-    sets: &[DevSet],
+    sets: &[PresetInputs],
     repeat: usize,
 ) -> Result<Measured> {
     // One run under the pool's high watermark: the peak extra memory, outputs included.
@@ -617,8 +569,8 @@ fn gpu_run(
         } else {
             1
         };
-        let sets: Vec<DevSet> = (0..copies)
-            .map(|i| DevSet::random(gpu, p, 17 + i as u64))
+        let sets: Vec<PresetInputs> = (0..copies)
+            .map(|i| PresetInputs::random(gpu, p, 17 + i as u64))
             .collect::<Result<_>>()?;
         pb.inc(1);
 
