@@ -51,6 +51,52 @@ impl<'a, T: Element> LossInputs<'a, T> {
         }
     }
 
+    /// The inputs of `mode` from its matrices in the order [`LossInputs::matrices`] gives
+    /// (queue: query, positive, queue; inbatch: embeddings; cross and symmetric: query, key);
+    /// `targets` only in cross mode. A wrong number of matrices is a shape error.
+    pub fn from_matrices(
+        mode: Mode,
+        m: &[MatRef<'a, T>],
+        targets: Option<&'a [i64]>,
+    ) -> Result<Self> {
+        let want = match mode {
+            Mode::Queue => 3,
+            Mode::InBatch => 1,
+            Mode::Cross | Mode::Symmetric => 2,
+        };
+        if m.len() != want {
+            return Err(Error::shape(
+                "inputs",
+                format!("{} matrices", m.len()),
+                format!("{want} for {} mode", mode.name()),
+            ));
+        }
+        if targets.is_some() && mode != Mode::Cross {
+            return Err(Error::parameter(
+                "targets",
+                "given",
+                format!("only cross mode takes targets, not {}", mode.name()),
+            ));
+        }
+        Ok(match mode {
+            Mode::Queue => LossInputs::Queue {
+                query: m[0],
+                positive: m[1],
+                queue: m[2],
+            },
+            Mode::InBatch => LossInputs::InBatch { embeddings: m[0] },
+            Mode::Cross => LossInputs::Cross {
+                query: m[0],
+                key: m[1],
+                targets,
+            },
+            Mode::Symmetric => LossInputs::Symmetric {
+                query: m[0],
+                key: m[1],
+            },
+        })
+    }
+
     /// Every input matrix, in the order of [`LossOutput::grads`].
     pub fn matrices(&self) -> Vec<MatRef<'a, T>> {
         match *self {

@@ -307,23 +307,7 @@ impl<T: Element> Problem<T> {
             Targets::I64(t) => t.clone(),
             Targets::I32(t) => t.iter().map(|&y| y as i64).collect(),
         });
-        let inputs = match spec.mode() {
-            Mode::Queue => LossInputs::Queue {
-                query: m[0],
-                positive: m[1],
-                queue: m[2],
-            },
-            Mode::InBatch => LossInputs::InBatch { embeddings: m[0] },
-            Mode::Cross => LossInputs::Cross {
-                query: m[0],
-                key: m[1],
-                targets: targets.as_deref(),
-            },
-            Mode::Symmetric => LossInputs::Symmetric {
-                query: m[0],
-                key: m[1],
-            },
-        };
+        let inputs = LossInputs::from_matrices(spec.mode(), &m, targets.as_deref()).unwrap();
         let upstream = match &self.upstream {
             None => Upstream::One,
             Some((shape, u)) if shape.is_empty() => Upstream::Scalar(u[0] as f64),

@@ -93,25 +93,14 @@ fn case_inputs<'a>(
     d: usize,
     targets: Option<&'a [i64]>,
 ) -> LossInputs<'a, f32> {
-    match mode {
-        Mode::Queue => LossInputs::Queue {
-            query: MatRef::new("query", a, n, d).unwrap(),
-            positive: MatRef::new("positive", b, n, d).unwrap(),
-            queue: MatRef::new("queue", c, k, d).unwrap(),
-        },
-        Mode::InBatch => LossInputs::InBatch {
-            embeddings: MatRef::new("embeddings", a, 2 * n, d).unwrap(),
-        },
-        Mode::Cross => LossInputs::Cross {
-            query: MatRef::new("query", a, n, d).unwrap(),
-            key: MatRef::new("key", b, k, d).unwrap(),
-            targets,
-        },
-        Mode::Symmetric => LossInputs::Symmetric {
-            query: MatRef::new("query", a, n, d).unwrap(),
-            key: MatRef::new("key", b, n, d).unwrap(),
-        },
-    }
+    let m = |name, v: &'a [f32], rows| MatRef::new(name, v, rows, d).unwrap();
+    let mats = match mode {
+        Mode::Queue => vec![m("query", a, n), m("positive", b, n), m("queue", c, k)],
+        Mode::InBatch => vec![m("embeddings", a, 2 * n)],
+        Mode::Cross => vec![m("query", a, n), m("key", b, k)],
+        Mode::Symmetric => vec![m("query", a, n), m("key", b, n)],
+    };
+    LossInputs::from_matrices(mode, &mats, targets).unwrap()
 }
 
 /// The upstream gradient (per-anchor weights in 0.1…1 for `none`, 0.75 otherwise) and the number

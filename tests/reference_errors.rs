@@ -487,3 +487,25 @@ fn errors_are_the_documented_kinds() {
         Err(Error::Parameter { .. })
     ));
 }
+
+#[test]
+fn inputs_from_matrices_round_trip_and_count_check() {
+    let (a, b) = (data(6), data(9));
+    let q = MatRef::new("query", &a, 2, 3).unwrap();
+    let k = MatRef::new("key", &b, 3, 3).unwrap();
+    let t = [2i64, 0];
+    let cross = LossInputs::from_matrices(Mode::Cross, &[q, k], Some(&t)).unwrap();
+    assert_eq!(cross.mode(), Mode::Cross);
+    assert_eq!(cross.matrices().len(), 2);
+    assert!(matches!(cross, LossInputs::Cross { targets: Some(x), .. } if x == t));
+    expect_err(
+        LossInputs::from_matrices(Mode::Queue, &[q, k], None),
+        &["2 matrices", "3 for queue"],
+        "two matrices for queue mode",
+    );
+    expect_err(
+        LossInputs::from_matrices(Mode::Symmetric, &[q, k], Some(&t)),
+        &["targets", "cross"],
+        "targets outside cross mode",
+    );
+}

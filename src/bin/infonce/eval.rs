@@ -264,23 +264,7 @@ fn evaluate_as<T: Element>(
         Mode::Cross if file.contains("targets") => Some(file.targets("targets")?),
         _ => None,
     };
-    let inputs = match spec.mode() {
-        Mode::Queue => LossInputs::Queue {
-            query: m[0],
-            positive: m[1],
-            queue: m[2],
-        },
-        Mode::InBatch => LossInputs::InBatch { embeddings: m[0] },
-        Mode::Cross => LossInputs::Cross {
-            query: m[0],
-            key: m[1],
-            targets: targets.as_deref(),
-        },
-        Mode::Symmetric => LossInputs::Symmetric {
-            query: m[0],
-            key: m[1],
-        },
-    };
+    let inputs = LossInputs::from_matrices(spec.mode(), &m, targets.as_deref())?;
     inputs.validate(spec)?;
     if !args.allow_nonfinite {
         for x in &m {
