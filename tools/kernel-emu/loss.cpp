@@ -1,4 +1,5 @@
 #include "emu.h"
+#include "case.h"
 #include "shim/infonce.cuh"
 #ifndef DT
 #define DT f32
@@ -56,23 +57,20 @@ static double rel(const V& g, const std::vector<double>& w, size_t n, double flo
 
 int main(int argc, char** argv) {
     size_t sms = argc > 2 ? atoi(argv[2]) : 132;
-    std::ifstream in(argv[1]);
-    int mode, var, hl, tk, learn, red, norm, gq; double lam, tau, tmin, tmax;
-    in >> mode >> var >> hl >> lam >> tk >> tau >> tmin >> tmax >> learn >> red >> norm >> gq;
-    int nm; in >> nm;
-    std::vector<V> raw(nm); std::vector<size_t> R(nm); size_t D = 0;
-    for (int m = 0; m < nm; ++m) { size_t r, c; in >> r >> c; R[m] = r; D = c; raw[m].resize(std::max<size_t>(r*c,1)); for (size_t i = 0; i < r*c; ++i) in >> raw[m][i]; round_as(raw[m], getenv("EMU_ROUND")); }
-    int nt; in >> nt; std::vector<int64_t> targets(nt); for (auto& t : targets) in >> t;
-    auto readv = [&](std::vector<double>& v) { size_t n; in >> n; v.resize(n); for (auto& x : v) in >> x; };
-    std::vector<double> w64; readv(w64);
-    std::vector<double> e_loss, e_lse, e_cols; readv(e_loss); readv(e_lse);
-    int hc; in >> hc; if (hc) readv(e_cols);
-    int ng; in >> ng; std::vector<std::vector<double>> e_g(ng); std::vector<size_t> gr(ng);
-    for (int g = 0; g < ng; ++g) { size_t r, c; in >> r >> c; gr[g] = r; readv(e_g[g]); }
-    int hd; in >> hd; double e_dtau = 0; if (hd) in >> e_dtau;
+    const EmuCase ec = read_case(argv[1]);
+    const int mode = ec.mode, var = ec.var, hl = ec.hl, tk = ec.tk, learn = ec.learn, red = ec.red, norm = ec.norm, gq = ec.gq;
+    const double lam = ec.lam, tau = ec.tau, tmin = ec.tmin, tmax = ec.tmax;
+    const int nm = (int)ec.mats.size(); std::vector<V> raw = ec.mats; std::vector<size_t> R = ec.rows; const size_t D = ec.D;
+    for (auto& m : raw) round_as(m, getenv("EMU_ROUND"));
+    std::vector<int64_t> targets = ec.targets; const int nt = (int)targets.size();
+    const std::vector<double>& w64 = ec.w;
+    const std::vector<double>&e_loss = ec.loss, &e_lse = ec.lse, &e_cols = ec.lse_cols;
+    const int hc = ec.has_cols, ng = (int)ec.grads.size(), hd = ec.has_dtau;
+    const std::vector<std::vector<double>>& e_g = ec.grads;
+    const double e_dtau = ec.dtau; (void)hd;
 
     int64_t hard_k = 0;
-    { std::string rest, line; while (std::getline(in, line)) rest += line;
+    { const std::string& rest = ec.rest;
       size_t q = rest.find("Hard { k: "); if (q != std::string::npos) hard_k = atol(rest.c_str() + q + 10);
       q = rest.find("hard_k: Some("); if (q != std::string::npos) hard_k = atol(rest.c_str() + q + 13); }
     std::vector<V> thr;

@@ -8,6 +8,7 @@
 //   the loss, LSE and dτ must still match and each gradient row must stay within the documented
 //   bound (fast.rs filter_bound / pair_filter_bound) of the reference.
 #include "emu.h"
+#include "case.h"
 #include "shim/infonce_mma.cuh"
 #include <cstdio>
 #include <fstream>
@@ -70,26 +71,25 @@ int main(int argc, char** argv) {
     const size_t sms = argc > 2 ? atoi(argv[2]) : 132;
     const double tol = getenv("EMU_TOL") ? atof(getenv("EMU_TOL")) : 1e-2;
     const float theta = getenv("EMU_FILTER") ? (float)atof(getenv("EMU_FILTER")) : 0.0f;
-    std::ifstream in(argv[1]);
-    int mode, var, hl, tk, learn, red, norm, gq; double lam, tau, tmin, tmax;
-    in >> mode >> var >> hl >> lam >> tk >> tau >> tmin >> tmax >> learn >> red >> norm >> gq;
-    int nm; in >> nm;
-    std::vector<std::vector<TT>> mat(nm); std::vector<size_t> R(nm); size_t D = 0;
+    const EmuCase ec = read_case(argv[1]);
+    const int mode = ec.mode, var = ec.var, tk = ec.tk, learn = ec.learn, red = ec.red, norm = ec.norm, gq = ec.gq;
+    const double tau = ec.tau;
+    const int nm = (int)ec.mats.size(); const std::vector<size_t>& R = ec.rows; const size_t D = ec.D;
+    std::vector<std::vector<TT>> mat(nm);
     for (int m = 0; m < nm; ++m) {
-        size_t r, c; in >> r >> c; R[m] = r; D = c; mat[m].resize(std::max<size_t>(r * c, 1));
-        for (size_t i = 0; i < r * c; ++i) {
-            float x; in >> x; mat[m][i] = from_f32<TT>(x);
+        mat[m].resize(ec.mats[m].size());
+        for (size_t i = 0; i < ec.mats[m].size(); ++i) {
+            const float x = ec.mats[m][i];
+            mat[m][i] = from_f32<TT>(x);
             if (to_f32(mat[m][i]) != x) { printf("FAIL %s: input not representable in %s\n", argv[1], S(DT)); return 1; }
         }
     }
-    int nt; in >> nt; std::vector<int64_t> targets(nt); for (auto& t : targets) in >> t;
-    auto readv = [&](std::vector<double>& v) { size_t n; in >> n; v.resize(n); for (auto& x : v) in >> x; };
-    std::vector<double> w64; readv(w64);
-    std::vector<double> e_loss, e_lse, e_cols; readv(e_loss); readv(e_lse);
-    int hc; in >> hc; if (hc) readv(e_cols);
-    int ng; in >> ng; std::vector<std::vector<double>> e_g(ng); std::vector<size_t> gr(ng);
-    for (int g = 0; g < ng; ++g) { size_t r, c; in >> r >> c; gr[g] = r; readv(e_g[g]); }
-    int hd; in >> hd; double e_dtau = 0; if (hd) in >> e_dtau;
+    std::vector<int64_t> targets = ec.targets; const int nt = (int)targets.size();
+    const std::vector<double>& w64 = ec.w;
+    const std::vector<double>&e_loss = ec.loss, &e_lse = ec.lse, &e_cols = ec.lse_cols;
+    const int hc = ec.has_cols, ng = (int)ec.grads.size();
+    const std::vector<std::vector<double>>& e_g = ec.grads; const std::vector<size_t>& gr = ec.grad_rows;
+    const double e_dtau = ec.dtau;
     if (var != 0 || tk != 0 || norm || gq || (D != 64 && D != 128)) { printf("skip %s (not on the tensor-core path)\n", argv[1]); return 0; }
 
     const float alpha = (float)(1.0 / tau), scale_log2 = (float)(M_LOG2E / tau);

@@ -1,5 +1,6 @@
 // unfused.cu's ce_rows (+ pos_dot, row_axpy, sum_scaled) with the cuBLAS GEMMs replaced by host GEMMs.
 #include "emu.h"
+#include "case.h"
 #include <cstdio>
 #include <fstream>
 #include <string>
@@ -18,18 +19,16 @@ static void gemm_nn(V& out, const V& G, size_t r, size_t c, const V& Y, size_t D
 // out[c×D] += Gᵀ[c×r] · X[r×D]
 static void gemm_tn(V& out, const V& G, size_t r, size_t c, const V& X, size_t D) { for (size_t j = 0; j < c; ++j) for (size_t d = 0; d < D; ++d) { double s = 0; for (size_t i = 0; i < r; ++i) s += (double)G[i*c+j]*X[i*D+d]; out[j*D+d] += (float)s; } }
 int main(int argc, char** argv) {
-    std::ifstream in(argv[1]);
-    int mode, var, hl, tk, learn, red, norm, gq; double lam, tau, tmin, tmax;
-    in >> mode >> var >> hl >> lam >> tk >> tau >> tmin >> tmax >> learn >> red >> norm >> gq;
+    const EmuCase ec = read_case(argv[1]);
+    const int mode = ec.mode, var = ec.var, tk = ec.tk, learn = ec.learn, red = ec.red, norm = ec.norm, gq = ec.gq;
+    const double tau = ec.tau;
     if (var != 0 || tk != 0 || norm) { printf("skip %s\n", argv[1]); return 0; }
-    int nm; in >> nm; std::vector<V> M(nm); std::vector<size_t> R(nm); size_t D = 0;
-    for (int m = 0; m < nm; ++m) { size_t r, c; in >> r >> c; R[m] = r; D = c; M[m].resize(std::max<size_t>(r*c,1)); for (size_t i = 0; i < r*c; ++i) in >> M[m][i]; }
-    int nt; in >> nt; std::vector<int64_t> tg(nt); for (auto& t : tg) in >> t;
-    auto readv = [&](VD& v) { size_t n; in >> n; v.resize(n); for (auto& x : v) in >> x; };
-    VD w64, e_loss, e_lse, e_cols; readv(w64); readv(e_loss); readv(e_lse);
-    int hc; in >> hc; if (hc) readv(e_cols);
-    int ng; in >> ng; std::vector<VD> e_g(ng); for (int g = 0; g < ng; ++g) { size_t r, c; in >> r >> c; readv(e_g[g]); }
-    int hd; in >> hd; double e_dtau = 0; if (hd) in >> e_dtau;
+    const std::vector<V>& M = ec.mats; const std::vector<size_t>& R = ec.rows; const size_t D = ec.D;
+    const std::vector<int64_t>& tg = ec.targets; const int nt = (int)tg.size();
+    const VD &w64 = ec.w, &e_loss = ec.loss, &e_lse = ec.lse, &e_cols = ec.lse_cols;
+    const int hc = ec.has_cols, ng = (int)ec.grads.size();
+    const std::vector<VD>& e_g = ec.grads;
+    const double e_dtau = ec.dtau;
     size_t n = R[0], count = w64.size();
     V w(count); for (size_t i = 0; i < count; ++i) w[i] = (float)w64[i];
     float alpha = (float)(1.0 / tau), inv_tau = alpha;
