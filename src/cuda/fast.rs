@@ -430,42 +430,57 @@ fn tf32_via_f16<T: DeviceElement>(
 ) -> Result<DeviceOutput<T>> {
     use half::f16;
     debug_assert_eq!(T::DTYPE, DType::F32);
-    let to_f16 = |name: &'static str, m: &DeviceMatrix<T>| -> Result<DeviceMatrix<f16>> {
+    let cfg = |n: usize| LaunchConfig {
+        grid_dim: (
+            n.div_ceil(256)
+                .clamp(1, gpu.properties().sm_count.max(1) as usize * 8) as u32,
+            1,
+            1,
+        ),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // Range check (f16 overflows above 65504): every input's max |x| into one buffer, one read.
+    let check_range = |mats: &[(&'static str, &DeviceMatrix<T>)]| -> Result<()> {
+        let stream = gpu.stream();
+        let mut mx = stream.alloc_zeros::<u32>(mats.len())?;
+        let f = gpu.function("unfused", "unfused_max_abs_f32")?;
+        for (i, (_, m)) in mats.iter().enumerate() {
+            let n = m.rows() * m.cols();
+            if n == 0 {
+                continue;
+            }
+            let (x, nn) = (addr(m.slice(), gpu), n as i64);
+            let mut slot = mx.slice_mut(i..i + 1);
+            let mut b = stream.launch_builder(&f);
+            b.arg(&x).arg(&nn).arg(&mut slot);
+            // SAFETY: (const float*, i64, unsigned*); T is f32 here, so x holds n floats; the
+            // slot is one u32.
+            unsafe { b.launch(cfg(n)) }?;
+        }
+        for ((name, _), bits) in mats.iter().zip(stream.clone_dtoh(&mx)?) {
+            let max_abs = f32::from_bits(bits);
+            if max_abs.is_nan() || max_abs > 65504.0 {
+                return Err(unsupported(format!(
+                    "tf32 path: `{name}` has |x| up to {max_abs}, outside the f16 range this \
+                     path rounds through (normalise the rows, or use the exact f32 path)"
+                )));
+            }
+        }
+        Ok(())
+    };
+    let to_f16 = |m: &DeviceMatrix<T>| -> Result<DeviceMatrix<f16>> {
         let n = m.rows() * m.cols();
         let mut out = DeviceMatrix::<f16>::zeros(gpu, m.rows(), m.cols())?;
         if n == 0 {
             return Ok(out);
         }
-        let x = addr(m.slice(), gpu);
-        let stream = gpu.stream();
-        // Range check: f16 overflows above 65504.
-        let mut mx = stream.alloc_zeros::<u32>(1)?;
-        let blocks = n
-            .div_ceil(256)
-            .clamp(1, gpu.properties().sm_count.max(1) as usize * 8) as u32;
-        let cfg = LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let nn = n as i64;
-        let f = gpu.function("unfused", "unfused_max_abs_f32")?;
-        let mut b = stream.launch_builder(&f);
-        b.arg(&x).arg(&nn).arg(&mut mx);
-        // SAFETY: (const float*, i64, unsigned*); T is f32 here, so x holds n floats; mx one u32.
-        unsafe { b.launch(cfg) }?;
-        let max_abs = f32::from_bits(stream.clone_dtoh(&mx)?[0]);
-        if max_abs.is_nan() || max_abs > 65504.0 {
-            return Err(unsupported(format!(
-                "tf32 path: `{name}` has |x| up to {max_abs}, outside the f16 range this path \
-                 rounds through (normalise the rows, or use the exact f32 path)"
-            )));
-        }
+        let (x, nn) = (addr(m.slice(), gpu), n as i64);
         let f = gpu.function("unfused", "unfused_cast_f16")?;
-        let mut b = stream.launch_builder(&f);
+        let mut b = gpu.stream().launch_builder(&f);
         b.arg(&x).arg(out.slice_mut()).arg(&nn);
         // SAFETY: (const float*, f16*, i64); x holds n f32, out n f16.
-        unsafe { b.launch(cfg) }?;
+        unsafe { b.launch(cfg(n)) }?;
         gpu.check_launch("unfused_cast")?;
         Ok(out)
     };
@@ -480,11 +495,12 @@ fn tf32_via_f16<T: DeviceElement>(
             positive,
             queue,
         } => {
-            let (q, p, m) = (
-                to_f16("query", query)?,
-                to_f16("positive", positive)?,
-                to_f16("queue", queue.keys)?,
-            );
+            check_range(&[
+                ("query", query),
+                ("positive", positive),
+                ("queue", queue.keys),
+            ])?;
+            let (q, p, m) = (to_f16(query)?, to_f16(positive)?, to_f16(queue.keys)?);
             let view = super::fused::QueueView {
                 keys: &m,
                 start: queue.start,
@@ -498,7 +514,8 @@ fn tf32_via_f16<T: DeviceElement>(
             evaluate_device_tc::<f16>(gpu, spec, &i, upstream, &inner)?
         }
         DeviceInputs::InBatch { embeddings } => {
-            let e = to_f16("embeddings", embeddings)?;
+            check_range(&[("embeddings", embeddings)])?;
+            let e = to_f16(embeddings)?;
             let i = DeviceInputs::InBatch { embeddings: &e };
             evaluate_device_tc::<f16>(gpu, spec, &i, upstream, &inner)?
         }
@@ -507,7 +524,8 @@ fn tf32_via_f16<T: DeviceElement>(
             key,
             targets,
         } => {
-            let (a, b) = (to_f16("query", query)?, to_f16("key", key)?);
+            check_range(&[("query", query), ("key", key)])?;
+            let (a, b) = (to_f16(query)?, to_f16(key)?);
             let i = DeviceInputs::Cross {
                 query: &a,
                 key: &b,
@@ -516,7 +534,8 @@ fn tf32_via_f16<T: DeviceElement>(
             evaluate_device_tc::<f16>(gpu, spec, &i, upstream, &inner)?
         }
         DeviceInputs::Symmetric { query, key } => {
-            let (a, b) = (to_f16("query", query)?, to_f16("key", key)?);
+            check_range(&[("query", query), ("key", key)])?;
+            let (a, b) = (to_f16(query)?, to_f16(key)?);
             let i = DeviceInputs::Symmetric { query: &a, key: &b };
             evaluate_device_tc::<f16>(gpu, spec, &i, upstream, &inner)?
         }
