@@ -8,12 +8,8 @@ SRC=${SRC:-$HERE/../../kernels}
 OUT=${OUT:-$HERE/out}
 mkdir -p "$OUT/shim" "$OUT/obj"
 cp "$SRC"/*.cu "$SRC"/*.cuh "$OUT/shim/"
-# CUDA headers -> emu.h; dynamic shared memory -> a static array (8 warps x 1024 bins).
-sed -i 's|#include <cuda_bf16.h>|#include "emu.h"|; s|#include <cuda_fp16.h>||' "$OUT/shim/common.cuh"
-sed -i 's/extern __shared__ float warp_bins\[\];/static float warp_bins[8 * 1024];/' "$OUT/shim/metrics.cu"
-# The tensor-core kernels' dynamic shared memory -> emu_mma.h's checked array.
-sed -i 's/extern __shared__ __align__(128) unsigned char smem\[\];/unsigned char* const smem = emu_dyn_smem;/' "$OUT/shim/infonce_mma.cu"
-grep -q 'emu_dyn_smem' "$OUT/shim/infonce_mma.cu" || { echo "build.sh: the smem declaration of infonce_mma.cu changed" >&2; exit 1; }
+# CUDA headers -> emu.h; dynamic shared memory (`extern __shared__`) -> the launch's buffer.
+"$HERE/shim.sh" "$OUT/shim"
 CXX="g++ -O1 -std=c++17 -pthread -U_FORTIFY_SOURCE -I$HERE -I$OUT"
 printf '#include "emu.h"\n#include "shim/infonce_mma.cu"\n' > "$OUT/obj/tu_mma.cpp"
 pids=()

@@ -2,9 +2,10 @@
 // FUSED_INFONCE_EMU is defined): cp.async with commit/wait groups, ldmatrix (.x4, .trans) and
 // mma.sync.m16n8k16 with the PTX ISA fragment layouts, ex2.approx.
 //
-// - Shared memory: the kernels' `extern __shared__ smem[]` becomes `emu_dyn_smem` (build.sh);
-//   a 32-bit shared address is the low half of its host pointer (the array cannot cross a 4 GiB
-//   boundary, checked). Every access is bounds- and alignment-checked.
+// - Shared memory: the kernels' `extern __shared__ smem[]` becomes the launch's dynamic shared
+//   memory, `emu_dyn_smem()` (build.sh, tools/emulated-cuda); a 32-bit shared address is the low
+//   half of its host pointer (the buffer cannot cross a 4 GiB boundary, checked). Every access is
+//   bounds- and alignment-checked against the bytes the launch asked for.
 // - cp.async copies are queued per thread and land only when a `cp.async.wait_group` retires
 //   their group, so reading a stage before waiting for it reads the poison the harness filled
 //   shared memory with (NaN halves), and a kernel that exits with copies in flight is reported.
@@ -18,53 +19,61 @@
 //   elements 2(l%4), 2(l%4)+1 of each matrix (.trans: elements (2(l%4), l/4) and (2(l%4)+1, l/4)).
 //   Products are exact (double) and added to the f32 accumulator once per mma.
 #pragma once
+#define EMU_MMA_H 1
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
 
-constexpr size_t EMU_SMEM_BYTES = 64 * 1024;
-alignas(128) inline unsigned char emu_dyn_smem[EMU_SMEM_BYTES];
-inline uint64_t emu_smem_hi = 0;
-
-[[noreturn]] inline void emu_fail(const char* what, uint64_t v) {
-    std::fprintf(stderr, "EMU FAULT: %s (%#llx) block (%u, %u) thread %u\n", what,
-                 (unsigned long long)v, blockIdx.x, blockIdx.y, threadIdx.x);
-    std::abort();
+struct EmuCopy { unsigned char* dst; const unsigned char* src; int bytes; };
+constexpr int EMU_MAX_THREADS = 1024;
+// The tensor-core primitives' state, one per host thread, behind a `const` accessor (as emu.h's
+// EmuKernelState): the high half of shared addresses, each thread's open and committed cp.async
+// groups, the exchange buffer of the warp-collective operations.
+struct EmuMmaState {
+    uint64_t smem_hi = 0;
+    std::vector<EmuCopy> cp_open[EMU_MAX_THREADS];
+    std::vector<std::vector<EmuCopy>> cp_groups[EMU_MAX_THREADS];
+    long cp_leaked = 0;  // copies a kernel left in flight (counted by emu_cp_reset)
+    uint32_t mma_xch[32][32][6];
+};
+__attribute__((const, noinline)) inline EmuMmaState* emu_mma() {
+    static thread_local EmuMmaState s;
+    return &s;
 }
+#define emu_smem_hi (emu_mma()->smem_hi)
+#define emu_cp_open (emu_mma()->cp_open)
+#define emu_cp_groups (emu_mma()->cp_groups)
+#define emu_cp_leaked (emu_mma()->cp_leaked)
+#define emu_mma_xch (emu_mma()->mma_xch)
 
 inline uint32_t smem_addr(const void* p) {
-    const uint64_t a = (uint64_t)p, b = (uint64_t)emu_dyn_smem;
-    if (a < b || a >= b + EMU_SMEM_BYTES) emu_fail("smem_addr of a non-shared pointer", a);
-    if ((b >> 32) != ((b + EMU_SMEM_BYTES - 1) >> 32)) emu_fail("shared array crosses 4 GiB", b);
+    const uint64_t a = (uint64_t)p, b = (uint64_t)emu_dyn_smem(), n = emu_dyn_smem_bytes();
+    if (a < b || a >= b + n) emu_fail("smem_addr of a pointer outside the launch's dynamic shared memory", a);
+    if ((b >> 32) != ((b + n - 1) >> 32)) emu_fail("shared array crosses 4 GiB", b);
     emu_smem_hi = b >> 32;
     return (uint32_t)a;
 }
 // Host pointer of `bytes` bytes at shared address `a` (bounds and alignment checked).
 inline unsigned char* emu_smem(uint32_t a, size_t bytes, size_t align) {
-    const uint64_t p = (emu_smem_hi << 32) | a, b = (uint64_t)emu_dyn_smem;
-    if (p < b || p + bytes > b + EMU_SMEM_BYTES) emu_fail("shared access out of bounds", a);
+    const uint64_t p = (emu_smem_hi << 32) | a, b = (uint64_t)emu_dyn_smem();
+    if (p < b || p + bytes > b + emu_dyn_smem_bytes())
+        emu_fail("shared access beyond the launch's dynamic shared memory", a);
     if (p % align) emu_fail("misaligned shared access", a);
     return (unsigned char*)p;
 }
 
-struct EmuCopy { unsigned char* dst; const unsigned char* src; int bytes; };
-constexpr int EMU_MAX_THREADS = 1024;
-inline std::vector<EmuCopy> emu_cp_open[EMU_MAX_THREADS];
-inline std::vector<std::vector<EmuCopy>> emu_cp_groups[EMU_MAX_THREADS];
-// Copies the harness could not see retired (in flight at a kernel's end); reset by the harness.
-inline long emu_cp_leaked = 0;
 
 inline void cp_async16(uint32_t dst, const void* src, int src_bytes) {
     if (src_bytes != 0 && src_bytes != 16) emu_fail("cp.async src-size not 0 or 16", src_bytes);
     if (src_bytes && (uint64_t)src % 16) emu_fail("misaligned cp.async source", (uint64_t)src);
-    emu_cp_open[threadIdx.x].push_back({emu_smem(dst, 16, 16), (const unsigned char*)src, src_bytes});
+    emu_cp_open[emu_tid()].push_back({emu_smem(dst, 16, 16), (const unsigned char*)src, src_bytes});
 }
 inline void cp_async_commit() {
-    emu_cp_groups[threadIdx.x].push_back(std::move(emu_cp_open[threadIdx.x]));
-    emu_cp_open[threadIdx.x].clear();
+    emu_cp_groups[emu_tid()].push_back(std::move(emu_cp_open[emu_tid()]));
+    emu_cp_open[emu_tid()].clear();
 }
 template <int N> inline void cp_async_wait() {
-    auto& gs = emu_cp_groups[threadIdx.x];
+    auto& gs = emu_cp_groups[emu_tid()];
     while (gs.size() > (size_t)N) {
         for (const EmuCopy& c : gs.front()) {
             if (c.bytes) std::memcpy(c.dst, c.src, 16);
@@ -84,7 +93,7 @@ inline void emu_cp_reset() {
 }
 
 inline void emu_ldmatrix(uint32_t (&r)[4], uint32_t addr, bool trans) {
-    const int w = threadIdx.x / 32, l = threadIdx.x % 32;
+    const int w = emu_tid() / 32, l = emu_tid() % 32;
     emu_smem(addr, 16, 16);  // every lane's row: 16 bytes, 16-byte aligned
     warp_xch[w][l] = addr;
     __syncwarp();
@@ -103,14 +112,13 @@ inline void emu_ldmatrix(uint32_t (&r)[4], uint32_t addr, bool trans) {
 inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) { emu_ldmatrix(r, addr, false); }
 inline void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) { emu_ldmatrix(r, addr, true); }
 
-inline uint32_t emu_mma_xch[32][32][6];
 template <typename T> inline float emu_half_value(uint32_t word, int high) {
     T h; const uint16_t bits = high ? (uint16_t)(word >> 16) : (uint16_t)word;
     std::memcpy(&h, &bits, 2);
     return to_f32(h);
 }
 template <typename T> inline void emu_mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    const int w = threadIdx.x / 32, l = threadIdx.x % 32, g = l / 4, t = l % 4;
+    const int w = emu_tid() / 32, l = emu_tid() % 32, g = l / 4, t = l % 4;
     uint32_t* mine = emu_mma_xch[w][l];
     for (int i = 0; i < 4; ++i) mine[i] = a[i];
     mine[4] = b0; mine[5] = b1;

@@ -58,7 +58,7 @@ static double rel(const V& g, const std::vector<double>& w, double floor = 1e-6)
     return std::sqrt(num) / std::max(std::sqrt(den), floor);
 }
 
-static void poison_smem() { std::memset(emu_dyn_smem, 0xff, EMU_SMEM_BYTES); }
+static void poison_smem() { std::memset(emu_dyn_smem(), 0xff, emu_dyn_smem_bytes()); }
 static int leaks(const char* what) {
     emu_cp_reset();
     if (emu_cp_leaked) { printf("FAIL %s: %ld cp.async copies never waited for\n", what, emu_cp_leaked); emu_cp_leaked = 0; return 1; }
