@@ -75,10 +75,12 @@ __device__ void ce_rows(float* __restrict__ S, T* __restrict__ G_lowp, int64_t r
         sh_max[warp] = st.row_max;
         sh_sum[warp] = st.row_sum;
     }
+    // The positive's logit is read before the barrier: after it, pass 2 overwrites the row with
+    // the gradient (the thread owning column pos_col may get there before thread 0 reads it).
+    const float z_pos = pos_kind == POS_EXTRA ? pos_s[i] * alpha : row[pos_col] * alpha;
     __syncthreads();
     LseState all = lse_empty();
     for (int w = 0; w < CE_THREADS / WARP; ++w) all = lse_merge(all, {sh_max[w], sh_sum[w]});
-    const float z_pos = pos_kind == POS_EXTRA ? pos_s[i] * alpha : row[pos_col] * alpha;
     if (pos_kind == POS_EXTRA) all = lse_merge(all, {z_pos, 1.0f});
     const float lse = lse_value(all);
     const float w = weights[i];
