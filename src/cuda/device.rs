@@ -31,6 +31,9 @@ pub struct DeviceProperties {
     pub max_grid_x: u32,
     /// Largest grid in y (and z).
     pub max_grid_y: u32,
+    /// Whether this is the emulated CUDA device ([`super::emulated`]), not a GPU: results are
+    /// computed by host builds of the kernels, and timings mean nothing.
+    pub emulated: bool,
 }
 
 /// Whether the CUDA driver library can be loaded on this machine (never panics).
@@ -68,11 +71,16 @@ pub fn list_devices() -> Result<Vec<DeviceProperties>> {
         .collect()
 }
 
+/// The phrase the emulated device's name carries (tools/emulated-cuda/driver.cpp).
+const EMULATED_NAME: &str = "fused-infonce emulated device";
+
 fn properties(ctx: &Arc<CudaContext>) -> Result<DeviceProperties> {
     let attr = |a: Attr| -> Result<u32> { Ok(ctx.attribute(a)?.max(0) as u32) };
+    let name = ctx.name()?;
     Ok(DeviceProperties {
         ordinal: ctx.ordinal(),
-        name: ctx.name()?,
+        emulated: name.contains(EMULATED_NAME),
+        name,
         compute_capability: ctx.compute_capability()?,
         sm_count: attr(Attr::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
         total_memory: ctx.total_mem()?,
@@ -217,18 +225,33 @@ impl Gpu {
     }
 }
 
-/// Opens device 0 for a test or a tool, or writes `skipped: no CUDA device (<reason>)` for
-/// `what` to stderr and returns `None`.
+/// Opens device 0 for a test or a tool.
+///
+/// The emulated device is loaded first when `FUSED_INFONCE_EMULATED_CUDA` names one
+/// ([`super::emulated::load_from_env`]; a real driver wins). Returns `None`, after writing
+/// `skipped: no CUDA device (<reason>)` for `what` to stderr, only when no CUDA driver can be
+/// loaded at all and `FUSED_INFONCE_REQUIRE_GPU` is not `1`. Anything else that keeps device 0
+/// from opening — a driver that loads but reports no device or fails, the emulated device failing
+/// to load — panics: a test must fail there, not pass while checking nothing.
 ///
 /// The line is written to the process's stderr directly, not through `eprintln!`, so that
 /// `cargo test` shows it even for passing tests whose output it captures.
 pub fn gpu_or_skip(what: &str) -> Option<Gpu> {
+    if let Err(e) = super::emulated::load_from_env() {
+        panic!("{what}: {e}");
+    }
+    let required = std::env::var("FUSED_INFONCE_REQUIRE_GPU").is_ok_and(|v| v == "1");
     match Gpu::new(0) {
         Ok(g) => Some(g),
-        Err(e) => {
+        Err(Error::NoCudaDriver) if !required => {
             use std::io::Write;
-            let _ = writeln!(std::io::stderr(), "{what}: skipped: no CUDA device ({e})");
+            let _ = writeln!(
+                std::io::stderr(),
+                "{what}: skipped: no CUDA device ({})",
+                Error::NoCudaDriver
+            );
             None
         }
+        Err(e) => panic!("{what}: the CUDA device cannot be opened: {e}"),
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod bench;
 pub mod device;
+pub mod emulated;
 pub mod fast;
 pub mod fused;
 pub mod kernels_v1;
@@ -85,14 +86,6 @@ fn recast<'a, T: Element, U: Element>(m: &MatRef<'a, T>) -> Result<MatRef<'a, U>
     MatRef::new(m.name(), data, m.rows(), m.cols())
 }
 
-fn upload<U: DeviceElement>(gpu: &Gpu, m: &MatRef<'_, U>) -> Result<DeviceMatrix<U>> {
-    if m.data().is_empty() {
-        // The driver cannot allocate zero bytes; a zero-sized matrix keeps a one-element buffer.
-        return DeviceMatrix::zeros(gpu, m.rows(), m.cols());
-    }
-    DeviceMatrix::upload(gpu, m)
-}
-
 fn run<T: Element, U: DeviceElement>(
     gpu: &Gpu,
     spec: &LossSpec,
@@ -104,7 +97,7 @@ fn run<T: Element, U: DeviceElement>(
     let mats: Vec<DeviceMatrix<U>> = inputs
         .matrices()
         .iter()
-        .map(|m| upload(gpu, &recast::<T, U>(m)?))
+        .map(|m| DeviceMatrix::upload(gpu, &recast::<T, U>(m)?))
         .collect::<Result<_>>()?;
     let targets = match inputs {
         LossInputs::Cross {

@@ -31,6 +31,12 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
+    // FUSED_INFONCE_EMULATED_CUDA=<dir> runs the CUDA backend on the emulated device (built by
+    // scripts/emulated-cuda) where no real driver is present.
+    if let Err(e) = fused_infonce::cuda::emulated::load_from_env() {
+        eprintln!("infonce: error: {e}");
+        std::process::exit(1);
+    }
     let result = match cli.command {
         Some(Command::Info(a)) => info::run(&a),
         Some(Command::Eval(a)) => eval::run(&a),
