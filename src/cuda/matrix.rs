@@ -21,8 +21,13 @@ pub struct DeviceMatrix<T: DeviceElement> {
 }
 
 impl<T: DeviceElement> DeviceMatrix<T> {
-    /// Copies a host matrix to the device (on `gpu`'s stream).
+    /// Copies a host matrix to the device (on `gpu`'s stream). An empty matrix (a queue with
+    /// K = 0) gets a one-element buffer: the driver cannot allocate zero bytes
+    /// (`cuMemAlloc` documents `CUDA_ERROR_INVALID_VALUE` for a size of 0).
     pub fn upload(gpu: &Gpu, m: &MatRef<'_, T>) -> Result<Self> {
+        if m.data().is_empty() {
+            return Self::zeros(gpu, m.rows(), m.cols());
+        }
         let data = gpu.stream().clone_htod(m.data())?;
         Ok(Self {
             rows: m.rows(),
@@ -31,7 +36,7 @@ impl<T: DeviceElement> DeviceMatrix<T> {
         })
     }
 
-    /// A zero-filled matrix.
+    /// A zero-filled matrix (a one-element buffer when it has no elements).
     pub fn zeros(gpu: &Gpu, rows: usize, cols: usize) -> Result<Self> {
         let n = rows.checked_mul(cols).ok_or_else(|| {
             Error::shape(
