@@ -5,13 +5,15 @@
 //! Outputs are poisoned (NaN) before each launch where the API writes into a caller's buffer.
 //! Without a GPU every test prints `skipped: no CUDA device` and returns.
 
+mod support;
+
 #[path = "support/pairs.rs"]
 mod pairs;
 
 use fused_infonce::cuda::metrics::{
     dense_labels, penalty, tolerance, tolerance_into, uniformity, uniformity_into, UNIFORMITY_T,
 };
-use fused_infonce::cuda::{gpu_or_skip, DeviceElement, DeviceMatrix, Gpu};
+use fused_infonce::cuda::{DeviceElement, DeviceMatrix, Gpu};
 use fused_infonce::{bf16, f16, DystressGrad, MatRef, Temperature};
 use pairs::{sim64, unit, Fixture, Layout};
 use rand::rngs::StdRng;
@@ -85,7 +87,7 @@ fn check_uniformity<T: DeviceElement>(gpu: &Gpu, seed: u64) {
 
 #[test]
 fn uniformity_f32() {
-    let Some(gpu) = gpu_or_skip("uniformity_f32") else {
+    let Some(gpu) = support::gpu("uniformity_f32") else {
         return;
     };
     check_uniformity::<f32>(&gpu, 1);
@@ -93,7 +95,7 @@ fn uniformity_f32() {
 
 #[test]
 fn uniformity_f16() {
-    let Some(gpu) = gpu_or_skip("uniformity_f16") else {
+    let Some(gpu) = support::gpu("uniformity_f16") else {
         return;
     };
     check_uniformity::<f16>(&gpu, 2);
@@ -101,7 +103,7 @@ fn uniformity_f16() {
 
 #[test]
 fn uniformity_bf16() {
-    let Some(gpu) = gpu_or_skip("uniformity_bf16") else {
+    let Some(gpu) = support::gpu("uniformity_bf16") else {
         return;
     };
     check_uniformity::<bf16>(&gpu, 3);
@@ -161,7 +163,7 @@ fn check_tolerance<T: DeviceElement>(gpu: &Gpu, seed: u64) {
 
 #[test]
 fn tolerance_f32() {
-    let Some(gpu) = gpu_or_skip("tolerance_f32") else {
+    let Some(gpu) = support::gpu("tolerance_f32") else {
         return;
     };
     check_tolerance::<f32>(&gpu, 11);
@@ -169,7 +171,7 @@ fn tolerance_f32() {
 
 #[test]
 fn tolerance_f16() {
-    let Some(gpu) = gpu_or_skip("tolerance_f16") else {
+    let Some(gpu) = support::gpu("tolerance_f16") else {
         return;
     };
     check_tolerance::<f16>(&gpu, 12);
@@ -177,7 +179,7 @@ fn tolerance_f16() {
 
 #[test]
 fn tolerance_bf16() {
-    let Some(gpu) = gpu_or_skip("tolerance_bf16") else {
+    let Some(gpu) = support::gpu("tolerance_bf16") else {
         return;
     };
     check_tolerance::<bf16>(&gpu, 13);
@@ -306,7 +308,7 @@ fn check_penalty<T: DeviceElement>(gpu: &Gpu, seed: u64) {
 
 #[test]
 fn penalty_f32() {
-    let Some(gpu) = gpu_or_skip("penalty_f32") else {
+    let Some(gpu) = support::gpu("penalty_f32") else {
         return;
     };
     check_penalty::<f32>(&gpu, 21);
@@ -314,7 +316,7 @@ fn penalty_f32() {
 
 #[test]
 fn penalty_f16() {
-    let Some(gpu) = gpu_or_skip("penalty_f16") else {
+    let Some(gpu) = support::gpu("penalty_f16") else {
         return;
     };
     check_penalty::<f16>(&gpu, 22);
@@ -322,7 +324,7 @@ fn penalty_f16() {
 
 #[test]
 fn penalty_bf16() {
-    let Some(gpu) = gpu_or_skip("penalty_bf16") else {
+    let Some(gpu) = support::gpu("penalty_bf16") else {
         return;
     };
     check_penalty::<bf16>(&gpu, 23);
@@ -331,7 +333,7 @@ fn penalty_bf16() {
 /// More anchors than penalty blocks (1024): blocks loop over anchors.
 #[test]
 fn penalty_many_anchors() {
-    let Some(gpu) = gpu_or_skip("penalty_many_anchors") else {
+    let Some(gpu) = support::gpu("penalty_many_anchors") else {
         return;
     };
     let fx = Fixture::<f32>::new(

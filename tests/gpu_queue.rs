@@ -3,9 +3,11 @@
 //! CPU reference on the logical (oldest-first) queue. Without a GPU each test prints
 //! `skipped: no CUDA device` and returns.
 
+mod support;
+
 use fused_infonce::cuda::{
-    evaluate_device_poisoned, gpu_or_skip, DeviceGrad, DeviceInputs, DeviceMatrix, DeviceOptions,
-    Gpu, NegativeQueue,
+    evaluate_device_poisoned, DeviceGrad, DeviceInputs, DeviceMatrix, DeviceOptions, Gpu,
+    NegativeQueue,
 };
 use fused_infonce::{cpu, LossInputs, LossSpec, MatRef, Upstream};
 use rand::rngs::StdRng;
@@ -37,7 +39,7 @@ fn rel_l2(got: &[f64], want: &[f64]) -> f64 {
 
 #[test]
 fn enqueue_keeps_the_newest_keys_in_fifo_order() {
-    let Some(gpu) = gpu_or_skip("enqueue_keeps_the_newest_keys_in_fifo_order") else {
+    let Some(gpu) = support::gpu("enqueue_keeps_the_newest_keys_in_fifo_order") else {
         return;
     };
     let (cap, d) = (10, 3);
@@ -68,7 +70,7 @@ fn enqueue_keeps_the_newest_keys_in_fifo_order() {
 
 #[test]
 fn wrapped_queue_matches_the_cpu_reference() {
-    let Some(gpu) = gpu_or_skip("wrapped_queue_matches_the_cpu_reference") else {
+    let Some(gpu) = support::gpu("wrapped_queue_matches_the_cpu_reference") else {
         return;
     };
     let mut rng = StdRng::seed_from_u64(5);

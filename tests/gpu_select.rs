@@ -12,13 +12,15 @@
 //! Outputs are poisoned (NaN) before each launch. Without a GPU every test prints
 //! `skipped: no CUDA device` and returns.
 
+mod support;
+
 #[path = "support/pairs.rs"]
 mod pairs;
 
 use fused_infonce::cuda::select::{
     hard_thresholds, hard_thresholds_into, radix_select_host, threshold_len,
 };
-use fused_infonce::cuda::{gpu_or_skip, DeviceElement, Gpu};
+use fused_infonce::cuda::{DeviceElement, Gpu};
 use fused_infonce::{bf16, f16};
 use pairs::{sim64, sim_select, Fixture, Layout};
 
@@ -239,7 +241,7 @@ fn select_harness_on_host() {
 
 #[test]
 fn select_modes_f32() {
-    let Some(gpu) = gpu_or_skip("select_modes_f32") else {
+    let Some(gpu) = support::gpu("select_modes_f32") else {
         return;
     };
     modes::<f32>(&gpu, 100);
@@ -247,7 +249,7 @@ fn select_modes_f32() {
 
 #[test]
 fn select_modes_f16() {
-    let Some(gpu) = gpu_or_skip("select_modes_f16") else {
+    let Some(gpu) = support::gpu("select_modes_f16") else {
         return;
     };
     modes::<f16>(&gpu, 200);
@@ -255,7 +257,7 @@ fn select_modes_f16() {
 
 #[test]
 fn select_modes_bf16() {
-    let Some(gpu) = gpu_or_skip("select_modes_bf16") else {
+    let Some(gpu) = support::gpu("select_modes_bf16") else {
         return;
     };
     modes::<bf16>(&gpu, 300);
@@ -264,7 +266,7 @@ fn select_modes_bf16() {
 /// A long queue (many digits populated in every pass) and a wide D.
 #[test]
 fn select_large_queue() {
-    let Some(gpu) = gpu_or_skip("select_large_queue") else {
+    let Some(gpu) = support::gpu("select_large_queue") else {
         return;
     };
     let layout = Layout::Queue {
@@ -288,7 +290,7 @@ fn select_large_queue() {
 /// Every key identical: every threshold is that one similarity, every negative kept.
 #[test]
 fn select_all_ties() {
-    let Some(gpu) = gpu_or_skip("select_all_ties") else {
+    let Some(gpu) = support::gpu("select_all_ties") else {
         return;
     };
     let mut fx = Fixture::<f32>::new(
@@ -320,7 +322,7 @@ fn select_all_ties() {
 /// Shape and parameter errors come back as errors, not launches.
 #[test]
 fn select_errors() {
-    let Some(gpu) = gpu_or_skip("select_errors") else {
+    let Some(gpu) = support::gpu("select_errors") else {
         return;
     };
     let fx = Fixture::<f32>::new(&gpu, Layout::InBatch { rows: 8 }, 4, 1, false);

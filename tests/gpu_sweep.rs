@@ -3,11 +3,21 @@
 //! agree with the f64 CPU metrics to f32 accuracy, for fixed and DySTreSS temperatures.
 //! Without a GPU the test prints `skipped: no CUDA device` and returns.
 
+mod support;
+
 use std::process::Command;
 
-fn sweep_json(backend: &str, dir: &std::path::Path) -> serde_json::Value {
+fn sweep_json(
+    backend: &str,
+    dir: &std::path::Path,
+    input: Option<&std::path::Path>,
+) -> serde_json::Value {
     let path = dir.join(format!("{backend}.json"));
-    let out = Command::new(env!("CARGO_BIN_EXE_infonce"))
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_infonce"));
+    if let Some(dir) = support::emulated_device() {
+        cmd.env(fused_infonce::cuda::emulated::ENV_DIR, dir);
+    }
+    let out = cmd
         .args([
             "sweep",
             "--backend",
@@ -17,6 +27,17 @@ fn sweep_json(backend: &str, dir: &std::path::Path) -> serde_json::Value {
         ])
         .args(["--dystress", "0.1,0.2", "--json"])
         .arg(&path)
+        .args(
+            input
+                .map(|p| {
+                    vec![
+                        "--labels".into(),
+                        "--input".into(),
+                        p.as_os_str().to_owned(),
+                    ]
+                })
+                .unwrap_or_default(),
+        )
         .output()
         .expect("run infonce");
     assert!(
@@ -25,6 +46,49 @@ fn sweep_json(backend: &str, dir: &std::path::Path) -> serde_json::Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&std::fs::read(&path).expect("read json")).expect("parse json")
+}
+
+/// Clustered unit rows with labels in the in-batch layout of the built-in data, written as the
+/// `embeddings` (f32) and `labels` (i64) tensors `--input --labels` reads.
+fn small_input(dir: &std::path::Path) -> std::path::PathBuf {
+    use fused_infonce::data::{stack, two_views, Clustered};
+    let set = Clustered {
+        classes: 6,
+        per_class: 10,
+        seed: 3,
+        ..Clustered::default()
+    }
+    .generate()
+    .unwrap();
+    let noise = fused_infonce::train::TrainConfig::default().noise;
+    let (a, b) = two_views(&set.x, noise, 5);
+    let e = stack(&a, &b).unwrap();
+    let labels: Vec<i64> = set.labels.iter().chain(&set.labels).copied().collect();
+    let emb: Vec<u8> = e
+        .data
+        .iter()
+        .flat_map(|&x| (x as f32).to_le_bytes())
+        .collect();
+    let lab: Vec<u8> = labels.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let tensors = vec![
+        (
+            "embeddings",
+            safetensors::tensor::TensorView::new(
+                safetensors::Dtype::F32,
+                vec![e.rows, e.cols],
+                &emb,
+            )
+            .unwrap(),
+        ),
+        (
+            "labels",
+            safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![labels.len()], &lab)
+                .unwrap(),
+        ),
+    ];
+    let path = dir.join("small.safetensors");
+    safetensors::serialize_to_file(tensors, &None, &path).unwrap();
+    path
 }
 
 fn close(what: &str, got: f64, want: f64, tol: f64) {
@@ -36,14 +100,16 @@ fn close(what: &str, got: f64, want: f64, tol: f64) {
 
 #[test]
 fn sweep_cuda_metrics_match_the_cpu_metrics() {
-    let Some(_gpu) = fused_infonce::cuda::gpu_or_skip("sweep_cuda_metrics_match_the_cpu_metrics")
-    else {
+    let Some(_gpu) = support::gpu("sweep_cuda_metrics_match_the_cpu_metrics") else {
         return;
     };
     let dir = tempfile::tempdir().expect("tempdir");
+    // The emulated device runs the built-in data's 2400 × 2400 pairs per metric pass in minutes;
+    // it gets the same kind of data, smaller (6 classes × 10 samples, two views).
+    let input = _gpu.properties().emulated.then(|| small_input(dir.path()));
     let (cpu, gpu) = (
-        sweep_json("cpu", dir.path()),
-        sweep_json("cuda", dir.path()),
+        sweep_json("cpu", dir.path(), input.as_deref()),
+        sweep_json("cuda", dir.path(), input.as_deref()),
     );
     assert_eq!(gpu["backend"].as_str(), Some("cuda"));
     for key in ["uniformity", "alignment", "tolerance"] {

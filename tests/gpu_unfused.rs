@@ -7,9 +7,7 @@ mod support;
 
 use fused_infonce::cpu;
 use fused_infonce::cuda::unfused::{evaluate_device_unfused, scratch_bytes};
-use fused_infonce::cuda::{
-    gpu_or_skip, DeviceElement, DeviceInputs, DeviceOptions, GradDType, QueueView,
-};
+use fused_infonce::cuda::{DeviceElement, DeviceInputs, DeviceOptions, GradDType, QueueView};
 use fused_infonce::{bf16, DType, Error, LossInputs, LossSpec, Mode, Reduction, Upstream, Variant};
 use support::*;
 
@@ -22,7 +20,7 @@ fn tol<T: DeviceElement>() -> f64 {
 }
 
 fn queue_case<T: DeviceElement>(spec: &LossSpec, n: usize, k: usize, d: usize, up_: Upstream) {
-    let Some(gpu) = gpu_or_skip("gpu_unfused queue") else {
+    let Some(gpu) = support::gpu("gpu_unfused queue") else {
         return;
     };
     let c = Case::<T>::new(11, n, k, d);
@@ -36,6 +34,9 @@ fn queue_case<T: DeviceElement>(spec: &LossSpec, n: usize, k: usize, d: usize, u
         &download(&gpu, &got),
         &want,
         tol::<T>(),
+        spec,
+        &hi,
+        &up_,
     );
 }
 
@@ -72,7 +73,7 @@ fn queue_f32_none_per_anchor_upstream() {
 
 #[test]
 fn queue_wrapped_ring() {
-    let Some(gpu) = gpu_or_skip("gpu_unfused queue_wrapped_ring") else {
+    let Some(gpu) = support::gpu("gpu_unfused queue_wrapped_ring") else {
         return;
     };
     let (n, cap, d, start, len) = (16, 300, 64, 100, 250);
@@ -103,11 +104,19 @@ fn queue_wrapped_ring() {
     let want = cpu::evaluate(&spec, &hi, &Upstream::One).unwrap();
     let got = evaluate_device_unfused(&gpu, &spec, &di, &Upstream::One, &DeviceOptions::default())
         .unwrap();
-    assert_close("wrapped queue", &download(&gpu, &got), &want, 1e-4);
+    assert_close(
+        "wrapped queue",
+        &download(&gpu, &got),
+        &want,
+        1e-4,
+        &spec,
+        &hi,
+        &Upstream::One,
+    );
 }
 
 fn inbatch_case<T: DeviceElement>(reduction: Reduction) {
-    let Some(gpu) = gpu_or_skip("gpu_unfused inbatch") else {
+    let Some(gpu) = support::gpu("gpu_unfused inbatch") else {
         return;
     };
     let (n2, d) = (2 * 45, 96);
@@ -123,14 +132,10 @@ fn inbatch_case<T: DeviceElement>(reduction: Reduction) {
     } else {
         Upstream::One
     };
-    let want = cpu::evaluate(
-        &spec,
-        &LossInputs::InBatch {
-            embeddings: mat("embeddings", &e, n2, d),
-        },
-        &up_,
-    )
-    .unwrap();
+    let hi = LossInputs::InBatch {
+        embeddings: mat("embeddings", &e, n2, d),
+    };
+    let want = cpu::evaluate(&spec, &hi, &up_).unwrap();
     let got = evaluate_device_unfused(
         &gpu,
         &spec,
@@ -139,7 +144,15 @@ fn inbatch_case<T: DeviceElement>(reduction: Reduction) {
         &DeviceOptions::default(),
     )
     .unwrap();
-    assert_close("inbatch", &download(&gpu, &got), &want, tol::<T>());
+    assert_close(
+        "inbatch",
+        &download(&gpu, &got),
+        &want,
+        tol::<T>(),
+        &spec,
+        &hi,
+        &up_,
+    );
 }
 
 #[test]
@@ -154,7 +167,7 @@ fn inbatch_bf16_none() {
 
 #[test]
 fn cross_f32_targets() {
-    let Some(gpu) = gpu_or_skip("gpu_unfused cross_f32_targets") else {
+    let Some(gpu) = support::gpu("gpu_unfused cross_f32_targets") else {
         return;
     };
     let (n, m, d) = (33, 70, 48);
@@ -164,16 +177,12 @@ fn cross_f32_targets() {
     let (da, db) = (up(&gpu, "query", &a, n, d), up(&gpu, "key", &b, m, d));
     let dt = gpu.stream().clone_htod(&t).unwrap();
     let spec = LossSpec::cross().temperature(0.3).build().unwrap();
-    let want = cpu::evaluate(
-        &spec,
-        &LossInputs::Cross {
-            query: mat("query", &a, n, d),
-            key: mat("key", &b, m, d),
-            targets: Some(&t),
-        },
-        &Upstream::One,
-    )
-    .unwrap();
+    let hi = LossInputs::Cross {
+        query: mat("query", &a, n, d),
+        key: mat("key", &b, m, d),
+        targets: Some(&t),
+    };
+    let want = cpu::evaluate(&spec, &hi, &Upstream::One).unwrap();
     let got = evaluate_device_unfused(
         &gpu,
         &spec,
@@ -186,11 +195,19 @@ fn cross_f32_targets() {
         &DeviceOptions::default(),
     )
     .unwrap();
-    assert_close("cross targets", &download(&gpu, &got), &want, 1e-4);
+    assert_close(
+        "cross targets",
+        &download(&gpu, &got),
+        &want,
+        1e-4,
+        &spec,
+        &hi,
+        &Upstream::One,
+    );
 }
 
 fn symmetric_case<T: DeviceElement>(grad_dtype: GradDType) {
-    let Some(gpu) = gpu_or_skip("gpu_unfused symmetric") else {
+    let Some(gpu) = support::gpu("gpu_unfused symmetric") else {
         return;
     };
     let (n, d) = (81, 64);
@@ -201,15 +218,11 @@ fn symmetric_case<T: DeviceElement>(grad_dtype: GradDType) {
         .learnable_temperature(0.07)
         .build()
         .unwrap();
-    let want = cpu::evaluate(
-        &spec,
-        &LossInputs::Symmetric {
-            query: mat("query", &a, n, d),
-            key: mat("key", &b, n, d),
-        },
-        &Upstream::One,
-    )
-    .unwrap();
+    let hi = LossInputs::Symmetric {
+        query: mat("query", &a, n, d),
+        key: mat("key", &b, n, d),
+    };
+    let want = cpu::evaluate(&spec, &hi, &Upstream::One).unwrap();
     let opts = DeviceOptions {
         grad_dtype,
         ..Default::default()
@@ -225,7 +238,15 @@ fn symmetric_case<T: DeviceElement>(grad_dtype: GradDType) {
         &opts,
     )
     .unwrap();
-    assert_close("symmetric", &download(&gpu, &got), &want, tol::<T>());
+    assert_close(
+        "symmetric",
+        &download(&gpu, &got),
+        &want,
+        tol::<T>(),
+        &spec,
+        &hi,
+        &Upstream::One,
+    );
 }
 
 #[test]
@@ -240,7 +261,7 @@ fn symmetric_bf16_learnable_grads_in_bf16() {
 
 #[test]
 fn forward_only_returns_no_gradients() {
-    let Some(gpu) = gpu_or_skip("gpu_unfused forward_only") else {
+    let Some(gpu) = support::gpu("gpu_unfused forward_only") else {
         return;
     };
     let c = Case::<f32>::new(1, 8, 40, 16);
@@ -266,7 +287,7 @@ fn forward_only_returns_no_gradients() {
 
 #[test]
 fn other_variants_are_unsupported() {
-    let Some(gpu) = gpu_or_skip("gpu_unfused unsupported") else {
+    let Some(gpu) = support::gpu("gpu_unfused unsupported") else {
         return;
     };
     let c = Case::<f32>::new(1, 8, 40, 16);
@@ -293,7 +314,7 @@ fn clip_xl_scratch_does_not_fit_80gb() {
 
 #[test]
 fn a_logit_matrix_larger_than_the_card_is_a_clear_error() {
-    let Some(gpu) = gpu_or_skip("gpu_unfused does_not_fit") else {
+    let Some(gpu) = support::gpu("gpu_unfused does_not_fit") else {
         return;
     };
     // 300k × 300k f32 logits = 360 GB: more than any single card; the inputs are tiny (D = 2).
