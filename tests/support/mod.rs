@@ -212,16 +212,16 @@ impl From<&HostOut> for Outputs {
 }
 
 /// The natural size of each output's terms, the floor of its relative error: rounding error in
-/// a sum is proportional to the size of what is summed, not of the (possibly cancelled) result,
+/// a sum is proportional to the size of what is summed, not to the (possibly cancelled) result,
 /// so an output whose reference is 0 or tiny (the gradient through a D = 1 normalisation, the
-/// loss of an empty queue) is compared against the size of its terms. Derived from the problem:
-/// `α` the largest `|∂z/∂s|` (1/τ; DySTreSS `1/τ_min + ½π(τ_max − τ_min)/τ_min²`; 1 for the
-/// simple variant), `r` the largest row norm, `W = Σ_i |w_i|` the total upstream weight.
-/// - loss, LSE: `√len · (α r² + ln(1 + #negatives))` (|z| ≤ α r²);
-/// - each gradient: `2 W · Σ_c|∂L_i/∂s_c| · r / r_min` (every anchor's loss reaches each input
-///   as anchor and as key; `Σ_c|∂L/∂s_c|` is 2α, or 1 + λ·#negatives for the simple variant;
-///   the normalisation's backward divides by the row norm, at least `r_min`);
-/// - `dL/dτ`: `2 W α² r²` (`Σ_c |g_c z_c| / τ`).
+/// loss of an empty queue) is compared against the size of its terms instead. From the problem:
+/// `α` the largest `|∂z/∂s|` (1/τ; DySTreSS `1/τ_min + ½π(τ_max − τ_min)/τ_min²`), `r` the
+/// largest row norm (1 when normalising), `r_min` the smallest, `w_i` the anchors' weights:
+/// - loss, LSE: `√len · (α r² + ln(1 + #negatives))` per element (|z| ≤ α r²);
+/// - each gradient: `√(Σ w_i²) · a · r / r_min`, one anchor's gradient (`a = α`; for the simple
+///   variant `1 + λ √#negatives`: −y₊ plus λ times a sum of #negatives rows) added over anchors
+///   whose contributions fall in different rows; the normalisation's backward divides by ‖x‖;
+/// - `dL/dτ`, a scalar sum over anchors: `Σ|w_i| · α² r²`.
 #[derive(Debug, Clone, Copy)]
 pub struct Scales {
     pub logit: f64,
@@ -260,10 +260,9 @@ impl Scales {
                 (2 * query.rows(), query.rows().saturating_sub(1))
             }
         };
-        let w_total: f64 = up
-            .weights(spec, n)
-            .map(|w| w.iter().map(|x| x.abs()).sum())
-            .unwrap_or(1.0);
+        let w = up.weights(spec, n).unwrap_or_else(|_| vec![1.0; n]);
+        let w_sum: f64 = w.iter().map(|x| x.abs()).sum();
+        let w_rss: f64 = w.iter().map(|x| x * x).sum::<f64>().sqrt();
         let alpha = match spec.temperature() {
             Temperature::Fixed(t) | Temperature::Learnable(t) => 1.0 / t,
             Temperature::Dystress {
@@ -273,23 +272,91 @@ impl Scales {
                     + 0.5 * std::f64::consts::PI * (tau_max - tau_min) / (tau_min * tau_min)
             }
         };
-        // Σ_c |∂L_i/∂s_c| and the size of one anchor's loss terms.
         let r_used = if spec.normalize() { 1.0 } else { r };
-        let (alpha, dl_ds, loss_terms) = match spec.variant() {
+        let norm_div = if spec.normalize() { r_min } else { 1.0 };
+        let (a, loss_terms) = match spec.variant() {
             Variant::Simple { lambda, .. } => {
                 let lam = lambda.unwrap_or(1.0 / negatives.max(1) as f64);
-                let d = 1.0 + lam * negatives as f64;
-                (1.0, d, d * r_used * r_used)
+                (
+                    1.0 + lam * (negatives as f64).sqrt(),
+                    (1.0 + lam * negatives as f64) * r_used * r_used,
+                )
             }
-            _ => (alpha, 2.0 * alpha, alpha * r_used * r_used),
+            _ => (alpha, alpha * r_used * r_used),
         };
-        let norm_div = if spec.normalize() { r_min } else { 1.0 };
         Scales {
             logit: loss_terms + (1.0 + negatives as f64).ln(),
-            grad: 2.0 * w_total * dl_ds * r_used / norm_div,
-            dtau: 2.0 * w_total * alpha * alpha * r_used * r_used,
+            grad: w_rss * a * r_used / norm_div,
+            dtau: w_sum * alpha * alpha * r_used * r_used,
         }
     }
+}
+
+/// The f64 reference with the device's own roundings, so that what remains between the two is the
+/// kernels' f32 arithmetic: the inputs are already in the storage dtype `T` (both backends read
+/// the same values), and with `normalize` the device stores its normalised copy `u` in `T` (as
+/// `torch.nn.functional.normalize` returns a tensor of the input's dtype). Here the loss is
+/// evaluated at the device's own normalised copy (kernels/normalize.cu, which tests/gpu_normalize.rs
+/// checks against f64: recomputing it on the host would round a value lying within an f32 error of
+/// a bf16 rounding boundary the other way, one ulp in a few elements), and each gradient is chained
+/// back through the normalisation at the exact `u` (as the device's backward recomputes it in f32
+/// from `x` and `1/‖x‖`). For f32 inputs, or without normalisation, this is `cpu::evaluate`.
+pub fn reference_as_stored<T: DeviceElement>(
+    gpu: &Gpu,
+    spec: &LossSpec,
+    inputs: &LossInputs<'_, T>,
+    up: &Upstream,
+) -> fused_infonce::Result<LossOutput> {
+    use fused_infonce::cpu::normalize::{normalize_rows, normalize_rows_backward};
+    if !spec.normalize() || T::DTYPE == fused_infonce::DType::F32 {
+        return fused_infonce::cpu::evaluate(spec, inputs, up);
+    }
+    let mats = inputs.matrices();
+    let mut exact = Vec::new(); // (name, u, 1/‖x‖, cols) per input
+    let mut stored: Vec<Vec<f64>> = Vec::new();
+    for m in &mats {
+        let x: Vec<f64> = m.data().iter().map(|v| v.to_f64()).collect();
+        let (u, inv) = normalize_rows(&x, m.cols());
+        let on_device = if m.rows() == 0 {
+            Vec::new()
+        } else {
+            let (ud, _) = fused_infonce::cuda::normalize::normalize_rows(
+                gpu,
+                &DeviceMatrix::upload(gpu, m)?,
+            )?;
+            ud.download(gpu)?.iter().map(|v| v.to_f64()).collect()
+        };
+        stored.push(on_device);
+        exact.push((m.name(), u, inv, m.cols()));
+    }
+    let views: Vec<MatRef<'_, f64>> = mats
+        .iter()
+        .zip(&stored)
+        .map(|(m, u)| MatRef::new(m.name(), u, m.rows(), m.cols()))
+        .collect::<fused_infonce::Result<_>>()?;
+    let targets = match inputs {
+        LossInputs::Cross { targets, .. } => *targets,
+        _ => None,
+    };
+    let plain = LossSpec::builder(spec.mode())
+        .temperature_scheme(spec.temperature())
+        .variant(spec.variant())
+        .reduction(spec.reduction())
+        .grad_queue(spec.grad_queue())
+        .build()?;
+    let mut out = fused_infonce::cpu::evaluate(
+        &plain,
+        &LossInputs::from_matrices(spec.mode(), &views, targets)?,
+        up,
+    )?;
+    for g in &mut out.grads {
+        let (_, u, inv, cols) = exact
+            .iter()
+            .find(|e| e.0 == g.name)
+            .expect("a gradient per input");
+        g.value.data = normalize_rows_backward(u, inv, &g.value.data, *cols);
+    }
+    Ok(out)
 }
 
 /// Asserts every output of `got` equals the reference `want` to relative L2 `tol`, each against
@@ -304,6 +371,10 @@ pub fn assert_outputs_close(what: &str, got: &Outputs, want: &LossOutput, tol: f
             w.len()
         );
         let e = rel_l2_floor(&g[..w.len()], w, floor);
+        if std::env::var_os("FUSED_INFONCE_PRINT_ERRORS").is_some() {
+            // For tolerance analyses: every comparison's error, passing or not.
+            eprintln!("{what}: {part}: relative L2 error {e:.3e} (floor {floor:.2e})");
+        }
         assert!(
             e <= tol,
             "{what}: {part}: relative L2 error {e:.3e} > {tol:.0e} (floor {floor:.2e})\n got  {:?}\n want {:?}",
