@@ -105,8 +105,16 @@ inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float cospif(float x) { return (float)std::cos(M_PI * (double)x); }
 inline float sinpif(float x) { return (float)std::sin(M_PI * (double)x); }
-inline float __expf(float x) { return std::exp(x); }
-inline float __fdividef(float a, float b) { return a / b; }
+// The fast-math intrinsics as the hardware computes them (CUDA Math API, "Intrinsic Functions"),
+// so their error shows here too: __expf is ex2.approx of the f32 product x·log2(e), whose rounding
+// grows with |x| (the documented 2 + 1.173·|x| ulp); __fdividef is a·rcp.approx(b), 0 for
+// 2^126 < |b| < 2^128; __log2f is lg2.approx. ex2.approx's own 2 ulp are not modelled.
+inline float __expf(float x) { return std::exp2(x * 1.4426950408889634f); }
+inline float __fdividef(float a, float b) {
+    const float m = std::fabs(b);
+    if (m > 8.50705917e37f && m < INFINITY) return 0.0f;
+    return a * (1.0f / b);
+}
 #include <math.h>
 template <class A, class B> inline auto min(A a, B b) -> decltype(a + b) { return a < b ? a : b; }
 
@@ -127,7 +135,7 @@ static_assert(sizeof(__half) == 2 && sizeof(__nv_bfloat16) == 2, "16-bit storage
 struct float2 { float x, y; };
 inline float2 make_float2(float a, float b) { return {a, b}; }
 template <class T> inline T __ldg(const T* p) { return *p; }
-inline float __log2f(float x) { return std::log2(x); }
+inline float __log2f(float x) { return std::log2(x); }  // lg2.approx: ~2^-22 absolute
 inline int __any_sync(unsigned m, int pred) { return __ballot_sync(m, pred) != 0; }
 #define __align__(n) __attribute__((aligned(n)))
 #define __device__

@@ -151,4 +151,8 @@ template <typename T> struct Mma {
     static inline uint32_t pack(float lo, float hi) { return emu_pack<T>(lo, hi); }
 };
 
-inline float ex2(float x) { return std::exp2(x); }
+// ex2.approx.ftz: results below the smallest normal f32 flush to zero (its 2 ulp are not modelled).
+inline float ex2(float x) {
+    const float y = std::exp2(x);
+    return y < 1.17549435e-38f ? 0.0f : y;
+}
