@@ -334,6 +334,10 @@ __device__ void queue_combine(const T* __restrict__ q, const T* __restrict__ p, 
 //     (each term only where its arrays are given; inbatch: g_rr = 0), then
 //        dX_r += α Σ_c g_rc y_c   (mma.sync, f32 atomics into dX: splits of C add up)
 //     and Σ g·s for dL/dτ = −α² Σ g·s on the terms `dtau_terms` says (1: the row term, 2: both).
+//     The weights are scaled by `w_scale` (a power of two, about 1/max w) before g is packed into
+//     the dtype for the product, and the sums divided by it after: with mean weights w = 1/N and
+//     P ≈ 1/N, g ≈ 1/N² would fall below f16's normal range (6.1e-5) and lose its precision or
+//     flush to zero; scaled, |g| ≤ 2 and only P's own tail is subnormal.
 //   Gradient filter: a warp skips the product for a tile where no logit is a positive and every
 //   weight P, P' < filter_thr; dX_r then changes by at most α θ Σ_(c skipped) (wr_r + wc_c) ‖y_c‖.
 //   With both terms, one call computes inbatch's dE = α (G + Gᵀ) E (S is symmetric), and
@@ -358,8 +362,8 @@ __device__ void pair_pass(const T* __restrict__ x, int64_t rows, const T* __rest
                           float* __restrict__ part_m, float* __restrict__ part_l,
                           const float* __restrict__ lse_row, const float* __restrict__ w_row,
                           const float* __restrict__ lse_col, const float* __restrict__ w_col,
-                          float alpha, float* __restrict__ dx, float* __restrict__ dtau_acc,
-                          int dtau_terms, float filter_thr) {
+                          float alpha, float w_scale, float* __restrict__ dx,
+                          float* __restrict__ dtau_acc, int dtau_terms, float filter_thr) {
     extern __shared__ __align__(128) unsigned char smem[];
     constexpr int TILE_BYTES = BLOCK_KEYS * D * 2;
     constexpr int KSTEPS = D / 16;
@@ -384,7 +388,7 @@ __device__ void pair_pass(const T* __restrict__ x, int64_t rows, const T* __rest
         r_of[h] = row0 + warp * 16 + g + 8 * h;
         if (GRAD && w_row && r_of[h] < rows) {
             lse2_r[h] = lse_row[r_of[h]] * LOG2E;
-            w_r[h] = w_row[r_of[h]];
+            w_r[h] = w_row[r_of[h]] * w_scale;
             tgt_r[h] = target_of(r_of[h], tgt_kind, tgt, half);
         }
     }
@@ -474,7 +478,7 @@ __device__ void pair_pass(const T* __restrict__ x, int64_t rows, const T* __rest
                         if (w_col) {
                             const float p = ex2(fmaf(raw, scale_log2, -__ldg(lse_col + c) * LOG2E));
                             const bool pos = r == target_of(c, tgt_kind, tgt, half);
-                            gc = __ldg(w_col + c) * (p - (pos ? 1.0f : 0.0f));
+                            gc = __ldg(w_col + c) * w_scale * (p - (pos ? 1.0f : 0.0f));
                             big |= pos || p >= filter_thr;
                         }
                     }
@@ -499,19 +503,20 @@ __device__ void pair_pass(const T* __restrict__ x, int64_t rows, const T* __rest
             }
         }
     } else {
+        const float out_scale = alpha / w_scale;  // exact: w_scale is a power of two
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             if (r_of[h] >= rows) continue;
             float* dst = dx + r_of[h] * D;
 #pragma unroll
             for (int b = 0; b < OBLK; ++b) {
-                atomicAdd(dst + b * 8 + 2 * t, alpha * o[b][2 * h]);
-                atomicAdd(dst + b * 8 + 2 * t + 1, alpha * o[b][2 * h + 1]);
+                atomicAdd(dst + b * 8 + 2 * t, out_scale * o[b][2 * h]);
+                atomicAdd(dst + b * 8 + 2 * t + 1, out_scale * o[b][2 * h + 1]);
             }
         }
         if (dtau_terms) {
             gs = warp_sum(gs);
-            if (lane == 0) atomicAdd(dtau_acc, gs);
+            if (lane == 0) atomicAdd(dtau_acc, gs / w_scale);
         }
     }
 }
@@ -552,11 +557,11 @@ __device__ void pair_combine(const T* __restrict__ x, const T* __restrict__ y, i
     const T *x, int64_t rows, const T *y, int64_t cols, int64_t cols_per_split, float scale_log2, \
         int mask_self, int tgt_kind, const int64_t *tgt, int64_t half, float *part_m,             \
         float *part_l, const float *lse_row, const float *w_row, const float *lse_col,            \
-        const float *w_col, float alpha, float *dx, float *dtau_acc, int dtau_terms,              \
-        float filter_thr
+        const float *w_col, float alpha, float w_scale, float *dx, float *dtau_acc,               \
+        int dtau_terms, float filter_thr
 #define PAIR_PASS_ARGS                                                                            \
     x, rows, y, cols, cols_per_split, scale_log2, mask_self, tgt_kind, tgt, half, part_m, part_l, \
-        lse_row, w_row, lse_col, w_col, alpha, dx, dtau_acc, dtau_terms, filter_thr
+        lse_row, w_row, lse_col, w_col, alpha, w_scale, dx, dtau_acc, dtau_terms, filter_thr
 #define PAIR_ENTRY(NAME, T, D)                                                                    \
     extern "C" __global__ void __launch_bounds__(THREADS)                                         \
         infonce_mma_pair_lse_##NAME##_d##D(PAIR_ARGS(T)) {                                           \

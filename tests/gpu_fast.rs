@@ -246,6 +246,17 @@ fn unsupported_cases_say_so() {
 }
 
 fn pair_parity<T: DeviceElement>(spec: LossSpec, n: usize, m: usize, d: usize, targets: bool) {
+    pair_parity_weighted::<T>(spec, n, m, d, targets, Upstream::One);
+}
+
+fn pair_parity_weighted<T: DeviceElement>(
+    spec: LossSpec,
+    n: usize,
+    m: usize,
+    d: usize,
+    targets: bool,
+    up_: Upstream,
+) {
     let Some(gpu) = support::gpu("gpu_fast pair_parity") else {
         return;
     };
@@ -284,16 +295,16 @@ fn pair_parity<T: DeviceElement>(spec: LossSpec, n: usize, m: usize, d: usize, t
             },
         ),
     };
-    let want = cpu::evaluate(&spec, &hi, &Upstream::One).unwrap();
-    let got = run_tc(&gpu, &spec, &di, &Upstream::One, &DeviceOptions::default());
+    let want = cpu::evaluate(&spec, &hi, &up_).unwrap();
+    let got = run_tc(&gpu, &spec, &di, &up_, &DeviceOptions::default());
     assert_close(
-        &format!("tc {:?} {:?} {n}×{m}×{d}", spec.mode(), T::DTYPE),
+        &format!("tc {:?} {:?} {n}×{m}×{d} {up_:?}", spec.mode(), T::DTYPE),
         &got,
         &want,
         TOL,
         &spec,
         &hi,
-        &Upstream::One,
+        &up_,
     );
 }
 
@@ -316,6 +327,46 @@ fn cross_f16_d64_with_targets() {
         130,
         64,
         true,
+    );
+}
+
+/// f16 gradients with tiny weights: the pair kernels pack g = w(P − onehot) into f16 for the
+/// gradient product, and f16 is normal only from 6.1e-5 (subnormal spacing 6e-8, values below
+/// 3e-8 flush to zero). Mean weights at N = 8192 with P ≈ 1/N give g ≈ 1.5e-8: most negatives'
+/// terms would vanish. Here a 1e-3 upstream weight on a mean over 256 anchors (w ≈ 3.9e-6) with
+/// P ≈ 1/512 gives g ≈ 8e-9, the same flush, in a problem the emulated device runs in seconds.
+/// The kernels scale the weights by a power of two before packing (`fast::weight_scale`), so the
+/// gradients keep f16's relative precision whatever the weights.
+#[test]
+fn f16_pair_gradients_with_tiny_weights_do_not_underflow() {
+    pair_parity_weighted::<f16>(
+        LossSpec::cross().temperature(0.2).build().unwrap(),
+        256,
+        512,
+        64,
+        true,
+        Upstream::Scalar(1e-3),
+    );
+}
+
+/// The same at the size where it bites in training: in-batch SimCLR with 2N = 8192 f16
+/// embeddings and mean weights. Real GPU only (the emulated device would take many minutes; the
+/// test above covers the numerics there).
+#[test]
+fn f16_inbatch_8192_mean_gradients() {
+    let Some(gpu) = support::gpu("f16_inbatch_8192_mean_gradients") else {
+        return;
+    };
+    if gpu.properties().emulated {
+        eprintln!("f16_inbatch_8192_mean_gradients: real GPU only (not on the emulated device)");
+        return;
+    }
+    pair_parity::<f16>(
+        LossSpec::inbatch().temperature(0.1).build().unwrap(),
+        8192,
+        8192,
+        64,
+        false,
     );
 }
 

@@ -4,13 +4,13 @@
 
 use cudarc::cublas::sys::{cublasComputeType_t, cublasOperation_t, cudaDataType};
 use cudarc::driver::sys::CUevent_flags;
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 
 use super::device::Gpu;
 use super::fused::{DeviceInputs, QueueView};
-use super::launch;
+use super::launch::{self, launch, Args};
 use super::matrix::{DeviceElement, DeviceMatrix};
-use super::unfused::{addr, cublas_handle, GemmCall};
+use super::unfused::{cublas_handle, GemmCall};
 use crate::error::{Error, Result};
 use crate::spec::{LossSpec, Mode};
 use half::bf16;
@@ -92,28 +92,31 @@ pub fn measure_peaks(gpu: &Gpu, repeat: usize) -> Result<Peaks> {
     let mut b = DeviceMatrix::<half::bf16>::zeros(gpu, n, n)?;
     fill_unit_rows(gpu, &mut a, 1)?;
     fill_unit_rows(gpu, &mut b, 2)?;
-    let c = DeviceMatrix::<half::bf16>::zeros(gpu, n, n)?;
-    let call = GemmCall {
-        ta: cublasOperation_t::CUBLAS_OP_T,
-        tb: cublasOperation_t::CUBLAS_OP_N,
-        m: n,
-        n,
-        k: n,
-        a: addr(a.slice(), gpu),
-        a_type: cudaDataType::CUDA_R_16BF,
-        lda: n,
-        b: addr(b.slice(), gpu),
-        b_type: cudaDataType::CUDA_R_16BF,
-        ldb: n,
-        beta: 0.0,
-        c: addr(c.slice(), gpu),
-        c_type: cudaDataType::CUDA_R_16BF,
-        ldc: n,
-        compute: cublasComputeType_t::CUBLAS_COMPUTE_32F,
-    };
+    let mut c = DeviceMatrix::<half::bf16>::zeros(gpu, n, n)?;
     let handle = *blas.handle();
-    // SAFETY: a, b, c are n×n bf16 buffers alive until the timing below has synchronised.
-    let t = time_device(gpu, 3, repeat, |_| unsafe { call.run(handle) })?;
+    let t = {
+        let mut g = Args::new(gpu);
+        let call = GemmCall {
+            ta: cublasOperation_t::CUBLAS_OP_T,
+            tb: cublasOperation_t::CUBLAS_OP_N,
+            m: n,
+            n,
+            k: n,
+            a: g.read_ptr(a.slice(), 0)?,
+            a_type: cudaDataType::CUDA_R_16BF,
+            lda: n,
+            b: g.read_ptr(b.slice(), 0)?,
+            b_type: cudaDataType::CUDA_R_16BF,
+            ldb: n,
+            beta: 0.0,
+            c: g.write_ptr(c.slice_mut(), 0)?,
+            c_type: cudaDataType::CUDA_R_16BF,
+            ldc: n,
+            compute: cublasComputeType_t::CUBLAS_COMPUTE_32F,
+        };
+        // SAFETY: a, b, c are n×n bf16 buffers guarded by `g` until the timing has synchronised.
+        time_device(gpu, 3, repeat, |_| unsafe { call.run(handle) })?
+    };
     let tflops = 2.0 * (n as f64).powi(3) / (t.median_ms * 1e-3) / 1e12;
     drop((a, b, c));
 
@@ -141,22 +144,26 @@ pub fn fill_unit_rows<T: DeviceElement>(
     if x.rows() == 0 || x.cols() == 0 {
         return Ok(());
     }
-    let f = gpu.function("unfused", &format!("{K}_{}", T::DTYPE.name()))?;
-    let cfg = launch::checked(
-        gpu,
-        K,
-        LaunchConfig {
-            grid_dim: (launch::grid_dim(K, x.rows(), 8)?, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        },
-    )?;
+    let cfg = LaunchConfig {
+        grid_dim: (launch::grid_dim(K, x.rows(), 8)?, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
     let (rows, cols) = (x.rows() as i64, x.cols() as i32);
-    let mut b = gpu.stream().launch_builder(&f);
-    b.arg(x.slice_mut()).arg(&rows).arg(&cols).arg(&seed);
-    // SAFETY: (T*, i64, int, u64); x holds rows×cols elements.
-    unsafe { b.launch(cfg) }?;
-    gpu.check_launch(K)
+    let mut a = Args::new(gpu);
+    a.write(x.slice_mut()).i64(rows).i32(cols).u64(seed);
+    // SAFETY: unfused_fill_unit_rows_<dtype>(T* x, int64_t rows, int cols, uint64_t seed); x holds
+    // rows×cols elements; one warp per row.
+    unsafe {
+        launch(
+            gpu,
+            K,
+            "unfused",
+            &format!("{K}_{}", T::DTYPE.name()),
+            cfg,
+            a,
+        )
+    }
 }
 
 /// Peak bytes allocated from the device's default memory pool (where this crate's stream-ordered

@@ -23,8 +23,10 @@ pub struct DeviceProperties {
     pub sm_count: u32,
     /// Total device memory in bytes.
     pub total_memory: usize,
-    /// Largest dynamic shared memory a block may opt in to, in bytes.
+    /// Largest shared memory (static + dynamic) a block may opt in to, in bytes.
     pub max_shared_per_block: u32,
+    /// Shared memory a block gets without opting in (48 KiB).
+    pub shared_per_block: u32,
     /// Largest block size.
     pub max_threads_per_block: u32,
     /// Largest grid in x.
@@ -85,6 +87,7 @@ fn properties(ctx: &Arc<CudaContext>) -> Result<DeviceProperties> {
         sm_count: attr(Attr::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
         total_memory: ctx.total_mem()?,
         max_shared_per_block: attr(Attr::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?,
+        shared_per_block: attr(Attr::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK)?,
         max_threads_per_block: attr(Attr::CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_BLOCK)?,
         max_grid_x: attr(Attr::CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_X)?,
         max_grid_y: attr(Attr::CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_Y)?,
@@ -213,9 +216,12 @@ impl Gpu {
     }
 
     /// In debug builds, waits for the stream and reports an asynchronous error of the launch of
-    /// `kernel` right away (release builds report it at the next synchronising call).
+    /// `kernel` right away (release builds report it at the next synchronising call). Not on the
+    /// emulated device: it reports a kernel's faults from the launch itself, and a host
+    /// synchronisation after every launch would order all streams and hide the races its checks
+    /// look for.
     pub fn check_launch(&self, kernel: &'static str) -> Result<()> {
-        if cfg!(debug_assertions) {
+        if cfg!(debug_assertions) && !self.props.emulated {
             self.stream.synchronize().map_err(|e| Error::Launch {
                 kernel,
                 reason: format!("asynchronous error after launch: {e}"),

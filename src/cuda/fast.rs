@@ -35,7 +35,7 @@
 //! can differ in the last bits from run to run (loss and LSE do not); the v1 kernels
 //! ([`KernelPath::Simple`], and today [`KernelPath::Auto`]) are deterministic.
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig};
 
 use super::device::Gpu;
 use super::fused::{
@@ -43,10 +43,10 @@ use super::fused::{
     QueueView,
 };
 use super::kernels_v1::device_shape;
-use super::launch;
+use super::launch::{self, launch, Args};
 use super::matrix::{DeviceElement, DeviceMatrix};
 use super::normalize::{normalize_rows, normalize_rows_backward};
-use super::unfused::{addr, cast_grad, reduce_losses, sum_scaled};
+use super::unfused::{cast_grad, reduce_losses, sum_scaled};
 use crate::error::{Error, Result};
 use crate::loss::Upstream;
 use crate::spec::{LossSpec, Mode, Temperature, Variant};
@@ -81,6 +81,18 @@ pub fn pair_filter_bound(
     tau: f64,
 ) -> f64 {
     theta * (w_row + w_col) * cols as f64 * max_norm / tau
+}
+
+/// The power of two the pair kernels scale the weights by before packing `g = w (P − onehot)`
+/// into f16/bf16 for the gradient product (and divide the sums by after; exact): about
+/// `1/max|w|`, so that `|g| ≤ 2` and mean weights (`w = 1/N`) times `P ≈ 1/N` stay in f16's
+/// normal range instead of flushing to zero at large N.
+pub fn weight_scale(w: &[f32]) -> f32 {
+    let m = w.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    if !(m.is_finite() && m > 0.0) {
+        return 1.0;
+    }
+    2f32.powi((-m.log2().floor() as i32).clamp(-100, 100))
 }
 
 /// How the queue is split across blocks: `(splits, keys_per_split)`, about two blocks per SM.
@@ -186,10 +198,10 @@ pub fn evaluate_device_tc<T: DeviceElement>(
     let weights = stream.clone_htod(&w)?;
     let (splits, per) = queue_split(gpu.properties().sm_count, n, k);
     let alloc = |len: usize| stream.alloc_zeros::<f32>(len.max(1));
-    let part_m = alloc(splits * n)?;
-    let part_l = alloc(splits * n)?;
-    let part_t = alloc(if learnable { splits * n } else { 0 })?;
-    let part_o = alloc(splits * n * d)?;
+    let mut part_m = alloc(splits * n)?;
+    let mut part_l = alloc(splits * n)?;
+    let mut part_t = alloc(if learnable { splits * n } else { 0 })?;
+    let mut part_o = alloc(splits * n * d)?;
     let alpha = (1.0 / tau) as f32;
     let scale_log2 = (std::f64::consts::LOG2_E / tau) as f32;
 
@@ -200,107 +212,87 @@ pub fn evaluate_device_tc<T: DeviceElement>(
             if learnable { "_learn" } else { "" }
         );
         const K: &str = "infonce_mma_queue_fwd";
-        let f = gpu.function(MODULE, &name)?;
-        let cfg = launch::checked(
-            gpu,
-            K,
-            LaunchConfig {
-                grid_dim: (
-                    launch::grid_dim(K, n, BLOCK_ROWS)?,
-                    u32::try_from(splits).map_err(|_| unsupported("too many splits"))?,
-                    1,
-                ),
-                block_dim: (THREADS, 1, 1),
-                shared_mem_bytes: (STAGES * BLOCK_KEYS * d * 2) as u32,
-            },
-        )?;
-        let (nn, cap64, start64, len64, per64) = (
-            n as i64,
-            cap as i64,
-            queue.start as i64,
-            k as i64,
-            per as i64,
-        );
-        let pt = if learnable { addr(&part_t, gpu) } else { 0u64 };
-        let mut b = stream.launch_builder(&f);
-        b.arg(query.slice())
-            .arg(&nn)
-            .arg(queue.keys.slice())
-            .arg(&cap64)
-            .arg(&start64)
-            .arg(&len64)
-            .arg(&per64)
-            .arg(&scale_log2)
-            .arg(&theta)
-            .arg(&part_m)
-            .arg(&part_l)
-            .arg(&pt)
-            .arg(&part_o);
-        // SAFETY: signature (const T*, i64, const T*, i64, i64, i64, i64, float, float, float*,
-        // float*, float*, float*). query holds n×D, keys cap×D with start < cap and len <= cap
-        // (checked), the partials splits×n (×D) floats; part_t is only written when learnable.
-        // Shared memory: STAGES tiles of 64×D elements (≤ 48 KiB, no opt-in needed).
-        unsafe { b.launch(cfg) }?;
-        gpu.check_launch(K)?;
+        let cfg = LaunchConfig {
+            grid_dim: (
+                launch::grid_dim(K, n, BLOCK_ROWS)?,
+                u32::try_from(splits).map_err(|_| unsupported("too many splits"))?,
+                1,
+            ),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: (STAGES * BLOCK_KEYS * d * 2) as u32,
+        };
+        let mut a = Args::new(gpu);
+        a.read(query.slice())
+            .i64(n as i64)
+            .read(queue.keys.slice())
+            .i64(cap as i64)
+            .i64(queue.start as i64)
+            .i64(k as i64)
+            .i64(per as i64)
+            .f32(scale_log2)
+            .f32(theta)
+            .write(&mut part_m)
+            .write(&mut part_l)
+            .write_opt(learnable.then_some(&mut part_t))
+            .write(&mut part_o);
+        // SAFETY: infonce_mma_queue_fwd_<dtype>_d<D>[_learn](const T* q, int64_t n, const T* keys,
+        // int64_t cap, int64_t qstart, int64_t qlen, int64_t keys_per_split, float scale_log2,
+        // float filter_thr, float* part_m, float* part_l, float* part_t, float* part_o). query
+        // holds n×D, keys cap×D with start < cap and len <= cap (checked), the partials splits×n
+        // (×D) floats; part_t is null unless learnable. STAGES tiles of 64×D elements of dynamic
+        // shared memory, THREADS threads.
+        unsafe { launch(gpu, K, MODULE, &name, cfg, a) }?;
     }
 
     let grads_on = !opts.forward_only;
-    let loss_row = alloc(n)?;
-    let lse = alloc(n)?;
-    let dq = DeviceMatrix::<f32>::zeros(gpu, n, d)?;
-    let dp = DeviceMatrix::<f32>::zeros(gpu, n, d)?;
-    let dtau_row = if learnable && grads_on {
+    let mut loss_row = alloc(n)?;
+    let mut lse = alloc(n)?;
+    let mut dq = DeviceMatrix::<f32>::zeros(gpu, n, d)?;
+    let mut dp = DeviceMatrix::<f32>::zeros(gpu, n, d)?;
+    let mut dtau_row = if learnable && grads_on {
         Some(alloc(n)?)
     } else {
         None
     };
     {
         const K: &str = "infonce_mma_queue_combine";
-        let f = gpu.function(MODULE, &format!("{K}_{}", T::DTYPE.name()))?;
-        let cfg = launch::checked(
-            gpu,
-            K,
-            LaunchConfig {
-                grid_dim: (launch::grid_dim(K, n, 1)?, 1, 1),
-                block_dim: (COMBINE_THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            },
-        )?;
-        let (nn, dd, ss) = (n as i64, d as i32, splits as i64);
-        let pt = if learnable { addr(&part_t, gpu) } else { 0u64 };
-        let dt = dtau_row.as_ref().map_or(0u64, |s| addr(s, gpu));
-        let wg = i32::from(grads_on);
-        let mut b = stream.launch_builder(&f);
-        b.arg(query.slice())
-            .arg(positive.slice())
-            .arg(&nn)
-            .arg(&dd)
-            .arg(&ss)
-            .arg(&part_m)
-            .arg(&part_l)
-            .arg(&pt)
-            .arg(&part_o)
-            .arg(&alpha)
-            .arg(&weights)
-            .arg(&loss_row)
-            .arg(&lse)
-            .arg(dq.slice())
-            .arg(dp.slice())
-            .arg(&dt)
-            .arg(&wg);
-        // SAFETY: signature (const T*, const T*, i64, int, i64, const float*, const float*,
-        // const float*, const float*, float, const float*, float*, float*, float*, float*,
-        // float*, int); q and p hold n×D, partials splits×n (×D), outputs n (×D) floats;
-        // part_t / dtau_row are 0 (null) unless learnable, and then only read / written.
-        unsafe { b.launch(cfg) }?;
-        gpu.check_launch(K)?;
+        let cfg = LaunchConfig {
+            grid_dim: (launch::grid_dim(K, n, 1)?, 1, 1),
+            block_dim: (COMBINE_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut a = Args::new(gpu);
+        a.read(query.slice())
+            .read(positive.slice())
+            .i64(n as i64)
+            .i32(d as i32)
+            .i64(splits as i64)
+            .read(&part_m)
+            .read(&part_l)
+            .read_opt(learnable.then_some(&part_t))
+            .read(&part_o)
+            .f32(alpha)
+            .read(&weights)
+            .write(&mut loss_row)
+            .write(&mut lse)
+            .write(dq.slice_mut())
+            .write(dp.slice_mut())
+            .write_opt(dtau_row.as_mut())
+            .i32(i32::from(grads_on));
+        // SAFETY: infonce_mma_queue_combine_<dtype>(const T* q, const T* p, int64_t n, int d,
+        // int64_t splits, const float* part_m, const float* part_l, const float* part_t,
+        // const float* part_o, float alpha, const float* weights, float* loss_row, float* lse,
+        // float* dq, float* dp, float* dtau_row, int write_grad); q and p hold n×D, the partials
+        // splits×n (×D), the outputs n (×D) floats; part_t and dtau_row are null unless
+        // learnable. One block of COMBINE_THREADS per row (its shared arrays: ≤ MAX_SPLITS).
+        unsafe { launch(gpu, K, MODULE, &format!("{K}_{}", T::DTYPE.name()), cfg, a) }?;
     }
 
     let loss = reduce_losses(gpu, spec, loss_row, n)?;
     let grad_temperature = match &dtau_row {
         Some(rows) => {
-            let out = alloc(1)?;
-            sum_scaled(gpu, addr(rows, gpu), n, -alpha, addr(&out, gpu))?;
+            let mut out = alloc(1)?;
+            sum_scaled(gpu, rows, n, -alpha, &mut out)?;
             Some(out)
         }
         None => None,
@@ -444,19 +436,25 @@ fn tf32_via_f16<T: DeviceElement>(
     let check_range = |mats: &[(&'static str, &DeviceMatrix<T>)]| -> Result<()> {
         let stream = gpu.stream();
         let mut mx = stream.alloc_zeros::<u32>(mats.len())?;
-        let f = gpu.function("unfused", "unfused_max_abs_f32")?;
         for (i, (_, m)) in mats.iter().enumerate() {
             let n = m.rows() * m.cols();
             if n == 0 {
                 continue;
             }
-            let (x, nn) = (addr(m.slice(), gpu), n as i64);
-            let mut slot = mx.slice_mut(i..i + 1);
-            let mut b = stream.launch_builder(&f);
-            b.arg(&x).arg(&nn).arg(&mut slot);
-            // SAFETY: (const float*, i64, unsigned*); T is f32 here, so x holds n floats; the
-            // slot is one u32.
-            unsafe { b.launch(cfg(n)) }?;
+            let mut a = Args::new(gpu);
+            a.read(m.slice()).i64(n as i64).write_at(&mut mx, i)?;
+            // SAFETY: unfused_max_abs_f32(const float* x, int64_t n, unsigned* out); T is f32
+            // here, so x holds n floats; the slot is one zeroed u32 (an atomicMax of the bits).
+            unsafe {
+                launch(
+                    gpu,
+                    "unfused_max_abs",
+                    "unfused",
+                    "unfused_max_abs_f32",
+                    cfg(n),
+                    a,
+                )
+            }?;
         }
         for ((name, _), bits) in mats.iter().zip(stream.clone_dtoh(&mx)?) {
             let max_abs = f32::from_bits(bits);
@@ -475,13 +473,20 @@ fn tf32_via_f16<T: DeviceElement>(
         if n == 0 {
             return Ok(out);
         }
-        let (x, nn) = (addr(m.slice(), gpu), n as i64);
-        let f = gpu.function("unfused", "unfused_cast_f16")?;
-        let mut b = gpu.stream().launch_builder(&f);
-        b.arg(&x).arg(out.slice_mut()).arg(&nn);
-        // SAFETY: (const float*, f16*, i64); x holds n f32, out n f16.
-        unsafe { b.launch(cfg(n)) }?;
-        gpu.check_launch("unfused_cast")?;
+        let mut a = Args::new(gpu);
+        a.read(m.slice()).write(out.slice_mut()).i64(n as i64);
+        // SAFETY: unfused_cast_f16(const float* x, f16* y, int64_t n); x holds n f32 (T is f32
+        // here), out n f16.
+        unsafe {
+            launch(
+                gpu,
+                "unfused_cast",
+                "unfused",
+                "unfused_cast_f16",
+                cfg(n),
+                a,
+            )
+        }?;
         Ok(out)
     };
     let inner = DeviceOptions {
@@ -564,145 +569,203 @@ const TGT_HALF_SHIFT: i32 = 2;
 
 /// One side of a pair problem: rows X against columns Y, with how row r's positive column is
 /// found.
-#[derive(Clone, Copy)]
-struct Side {
-    x: u64,
+struct Side<'a, T: DeviceElement> {
+    x: &'a CudaSlice<T>,
     rows: usize,
-    y: u64,
+    y: &'a CudaSlice<T>,
     cols: usize,
     tgt_kind: i32,
-    tgt: u64,
+    tgt: Option<&'a CudaSlice<i64>>,
     half: i64,
     mask_self: bool,
 }
 
-/// The row LSE and per-row loss of one side (pass 1 and its merge).
-fn pair_lse<T: DeviceElement>(
-    gpu: &Gpu,
-    side: &Side,
-    d: usize,
-    scale_log2: f32,
-    alpha: f32,
-    lse: u64,
-    loss: u64,
-) -> Result<()> {
-    let stream = gpu.stream();
-    let (splits, per) = queue_split(gpu.properties().sm_count, side.rows, side.cols);
-    let part_m = stream.alloc_zeros::<f32>((splits * side.rows).max(1))?;
-    let part_l = stream.alloc_zeros::<f32>((splits * side.rows).max(1))?;
-    let (pm, pl) = (addr(&part_m, gpu), addr(&part_l, gpu));
-    pair_launch::<T>(
-        gpu, false, side, d, splits, per, scale_log2, pm, pl, [0; 4], 0.0, 0, 0, 0, 0.0,
-    )?;
-    const K: &str = "infonce_mma_pair_combine";
-    let f = gpu.function(MODULE, &format!("{K}_{}", T::DTYPE.name()))?;
-    let cfg = launch::checked(
-        gpu,
-        K,
-        LaunchConfig {
-            grid_dim: (launch::grid_dim(K, side.rows, 8)?, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        },
-    )?;
-    let (rows, dd, ss) = (side.rows as i64, d as i32, splits as i64);
-    let mut b = stream.launch_builder(&f);
-    b.arg(&side.x)
-        .arg(&side.y)
-        .arg(&rows)
-        .arg(&dd)
-        .arg(&ss)
-        .arg(&pm)
-        .arg(&pl)
-        .arg(&alpha)
-        .arg(&side.tgt_kind)
-        .arg(&side.tgt)
-        .arg(&side.half)
-        .arg(&lse)
-        .arg(&loss);
-    // SAFETY: signature (const T*, const T*, i64, int, i64, const float*, const float*, float,
-    // int, const i64*, i64, float*, float*); x holds rows×D, y cols×D, the partials
-    // splits×rows, lse/loss rows floats; targets (kind ARRAY) rows indices < cols.
-    unsafe { b.launch(cfg) }?;
-    gpu.check_launch(K)?;
-    drop((part_m, part_l));
-    Ok(())
+impl<T: DeviceElement> Side<'_, T> {
+    /// The same problem with rows and columns swapped (the second gradient's).
+    fn swapped(&self) -> Self {
+        Side {
+            x: self.y,
+            rows: self.cols,
+            y: self.x,
+            cols: self.rows,
+            ..*self
+        }
+    }
 }
 
-/// Launches pass 1 (`grad = false`) or pass 2 of the pair kernels. `terms` = (lse_row, w_row,
-/// lse_col, w_col) device addresses (0 = term absent).
+impl<T: DeviceElement> Clone for Side<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T: DeviceElement> Copy for Side<'_, T> {}
+
+/// What the row and column terms of a gradient pass read: each an LSE array and a weight array
+/// (with the element its anchors start at); `None` leaves the term out.
+#[derive(Clone, Copy)]
+struct Terms<'a> {
+    row: Option<(&'a CudaSlice<f32>, &'a CudaSlice<f32>, usize)>,
+    col: Option<(&'a CudaSlice<f32>, &'a CudaSlice<f32>, usize)>,
+}
+
+/// What one launch of the pair kernels computes: pass 1's per-split (max, sum), or pass 2's
+/// gradient (and Σ g·s for dτ on `dtau_terms` of the terms).
+enum Pass<'a> {
+    Lse {
+        part_m: &'a mut CudaSlice<f32>,
+        part_l: &'a mut CudaSlice<f32>,
+    },
+    Grad {
+        terms: Terms<'a>,
+        dx: &'a mut CudaSlice<f32>,
+        dtau: Option<(&'a mut CudaSlice<f32>, i32)>,
+        w_scale: f32,
+        theta: f32,
+    },
+}
+
+/// Launches pass 1 or pass 2 of the pair kernels over `side`.
 #[allow(clippy::too_many_arguments)]
 fn pair_launch<T: DeviceElement>(
     gpu: &Gpu,
-    grad: bool,
-    side: &Side,
+    side: &Side<'_, T>,
     d: usize,
     splits: usize,
     per: usize,
     scale_log2: f32,
-    part_m: u64,
-    part_l: u64,
-    terms: [u64; 4],
     alpha: f32,
-    dx: u64,
-    dtau: u64,
-    dtau_terms: i32,
-    theta: f32,
+    pass: Pass<'_>,
 ) -> Result<()> {
     if splits == 0 {
         return Ok(());
     }
     const K: &str = "infonce_mma_pair";
+    let grad = matches!(pass, Pass::Grad { .. });
     let name = format!(
         "infonce_mma_pair_{}_{}_d{d}",
         if grad { "grad" } else { "lse" },
         T::DTYPE.name()
     );
-    let f = gpu.function(MODULE, &name)?;
-    let cfg = launch::checked(
-        gpu,
-        K,
-        LaunchConfig {
-            grid_dim: (
-                launch::grid_dim(K, side.rows, BLOCK_ROWS)?,
-                u32::try_from(splits).map_err(|_| unsupported("too many splits"))?,
-                1,
-            ),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: (STAGES * BLOCK_KEYS * d * 2) as u32,
-        },
-    )?;
-    let (rows, cols, per64) = (side.rows as i64, side.cols as i64, per as i64);
-    let mask = i32::from(side.mask_self);
-    let mut b = gpu.stream().launch_builder(&f);
-    b.arg(&side.x)
-        .arg(&rows)
-        .arg(&side.y)
-        .arg(&cols)
-        .arg(&per64)
-        .arg(&scale_log2)
-        .arg(&mask)
-        .arg(&side.tgt_kind)
-        .arg(&side.tgt)
-        .arg(&side.half)
-        .arg(&part_m)
-        .arg(&part_l)
-        .arg(&terms[0])
-        .arg(&terms[1])
-        .arg(&terms[2])
-        .arg(&terms[3])
-        .arg(&alpha)
-        .arg(&dx)
-        .arg(&dtau)
-        .arg(&dtau_terms)
-        .arg(&theta);
-    // SAFETY: signature (const T*, i64, const T*, i64, i64, float, int, int, const i64*, i64,
-    // float*, float*, const float*, const float*, const float*, const float*, float, float*,
-    // float*, int, float). x holds rows×D, y cols×D; pass 1 writes splits×rows partials; pass 2 reads
-    // the row terms (rows floats) and column terms (cols floats) when non-null and adds into dx
-    // (rows×D f32) and dtau (one f32, only when dtau_terms > 0). Shared memory ≤ 48 KiB.
-    unsafe { b.launch(cfg) }?;
-    gpu.check_launch(K)
+    let cfg = LaunchConfig {
+        grid_dim: (
+            launch::grid_dim(K, side.rows, BLOCK_ROWS)?,
+            u32::try_from(splits).map_err(|_| unsupported("too many splits"))?,
+            1,
+        ),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: (STAGES * BLOCK_KEYS * d * 2) as u32,
+    };
+    let mut a = Args::new(gpu);
+    a.read(side.x)
+        .i64(side.rows as i64)
+        .read(side.y)
+        .i64(side.cols as i64)
+        .i64(per as i64)
+        .f32(scale_log2)
+        .i32(i32::from(side.mask_self))
+        .i32(side.tgt_kind)
+        .read_opt(side.tgt)
+        .i64(side.half);
+    match pass {
+        Pass::Lse { part_m, part_l } => {
+            a.write(part_m).write(part_l);
+            a.null()
+                .null()
+                .null()
+                .null()
+                .f32(0.0)
+                .f32(1.0)
+                .null()
+                .null()
+                .i32(0)
+                .f32(0.0);
+        }
+        Pass::Grad {
+            terms,
+            dx,
+            dtau,
+            w_scale,
+            theta,
+        } => {
+            a.null().null();
+            for term in [terms.row, terms.col] {
+                match term {
+                    Some((lse, w, at)) => {
+                        a.read(lse).read_at(w, at)?;
+                    }
+                    None => {
+                        a.null().null();
+                    }
+                }
+            }
+            a.f32(alpha).f32(w_scale).write(dx);
+            match dtau {
+                Some((acc, n)) => a.write(acc).i32(n),
+                None => a.null().i32(0),
+            };
+            a.f32(theta);
+        }
+    }
+    // SAFETY: infonce_mma_pair_{lse,grad}_<dtype>_d<D>(const T* x, int64_t rows, const T* y,
+    // int64_t cols, int64_t cols_per_split, float scale_log2, int mask_self, int tgt_kind,
+    // const int64_t* tgt, int64_t half, float* part_m, float* part_l, const float* lse_row,
+    // const float* w_row, const float* lse_col, const float* w_col, float alpha, float w_scale,
+    // float* dx, float* dtau_acc, int dtau_terms, float filter_thr). x holds rows×D, y cols×D,
+    // targets (kind ARRAY) rows indices < cols; pass 1 writes splits×rows partials; pass 2 reads
+    // the row terms (rows floats) and column terms (cols floats) when given and adds into dx
+    // (rows×D f32) and dtau (one f32, only when dtau_terms > 0). STAGES tiles of 64×D elements
+    // of dynamic shared memory, THREADS threads.
+    unsafe { launch(gpu, K, MODULE, &name, cfg, a) }
+}
+
+/// The row LSE and per-row loss of one side (pass 1 and its merge): `lse` gets `side.rows`
+/// values, `loss` gets them from element `loss_at` on.
+#[allow(clippy::too_many_arguments)]
+fn pair_lse<T: DeviceElement>(
+    gpu: &Gpu,
+    side: &Side<'_, T>,
+    d: usize,
+    scale_log2: f32,
+    alpha: f32,
+    lse: &mut CudaSlice<f32>,
+    loss: &mut CudaSlice<f32>,
+    loss_at: usize,
+) -> Result<()> {
+    let stream = gpu.stream();
+    let (splits, per) = queue_split(gpu.properties().sm_count, side.rows, side.cols);
+    let mut part_m = stream.alloc_zeros::<f32>((splits * side.rows).max(1))?;
+    let mut part_l = stream.alloc_zeros::<f32>((splits * side.rows).max(1))?;
+    let pass = Pass::Lse {
+        part_m: &mut part_m,
+        part_l: &mut part_l,
+    };
+    pair_launch::<T>(gpu, side, d, splits, per, scale_log2, alpha, pass)?;
+    const K: &str = "infonce_mma_pair_combine";
+    let cfg = LaunchConfig {
+        grid_dim: (launch::grid_dim(K, side.rows, 8)?, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut a = Args::new(gpu);
+    a.read(side.x)
+        .read(side.y)
+        .i64(side.rows as i64)
+        .i32(d as i32)
+        .i64(splits as i64)
+        .read(&part_m)
+        .read(&part_l)
+        .f32(alpha)
+        .i32(side.tgt_kind)
+        .read_opt(side.tgt)
+        .i64(side.half)
+        .write(lse)
+        .write_at(loss, loss_at)?;
+    // SAFETY: infonce_mma_pair_combine_<dtype>(const T* x, const T* y, int64_t rows, int d,
+    // int64_t splits, const float* part_m, const float* part_l, float alpha, int tgt_kind,
+    // const int64_t* tgt, int64_t half, float* lse_out, float* loss_out); x holds rows×D,
+    // y cols×D, the partials splits×rows, lse rows floats and loss rows floats from `loss_at`;
+    // targets (kind ARRAY) rows indices < cols; one warp per row, 8 per block.
+    unsafe { launch(gpu, K, MODULE, &format!("{K}_{}", T::DTYPE.name()), cfg, a) }
 }
 
 /// Inbatch, cross and symmetric modes on the pair kernels (the caller checked the shapes and
@@ -724,68 +787,56 @@ fn pair_eval<T: DeviceElement>(
     let grads_on = !opts.forward_only;
     let alloc = |len: usize| stream.alloc_zeros::<f32>(len.max(1));
 
-    // (forward side, the swapped side for the second gradient, the inputs' names and shapes).
-    let (fwd, d, second): (Side, usize, Option<(Side, &'static str, usize)>) = match *inputs {
+    // The forward side, and the swapped side with the second input's name and rows.
+    type Second<'s, T> = Option<(Side<'s, T>, &'static str, usize)>;
+    let (fwd, d, second): (Side<'_, T>, usize, Second<'_, T>) = match *inputs {
         DeviceInputs::InBatch { embeddings } => {
-            let (r, d) = (embeddings.rows(), embeddings.cols());
-            let e = addr(embeddings.slice(), gpu);
+            let r = embeddings.rows();
             let side = Side {
-                x: e,
+                x: embeddings.slice(),
                 rows: r,
-                y: e,
+                y: embeddings.slice(),
                 cols: r,
                 tgt_kind: TGT_HALF_SHIFT,
-                tgt: 0,
+                tgt: None,
                 half: (r / 2) as i64,
                 mask_self: true,
             };
-            (side, d, None)
+            (side, embeddings.cols(), None)
         }
         DeviceInputs::Cross {
             query,
             key,
             targets,
         } => {
-            let (n, d, m) = (query.rows(), query.cols(), key.rows());
-            let (a, b) = (addr(query.slice(), gpu), addr(key.slice(), gpu));
-            let (kind, t) = match targets {
-                Some(t) => (TGT_ARRAY, addr(t, gpu)),
-                None => (TGT_IDENTITY, 0),
-            };
             let fwd = Side {
-                x: a,
-                rows: n,
-                y: b,
-                cols: m,
-                tgt_kind: kind,
-                tgt: t,
+                x: query.slice(),
+                rows: query.rows(),
+                y: key.slice(),
+                cols: key.rows(),
+                tgt_kind: if targets.is_some() {
+                    TGT_ARRAY
+                } else {
+                    TGT_IDENTITY
+                },
+                tgt: targets,
                 half: 0,
                 mask_self: false,
             };
-            let swapped = Side {
-                x: b,
-                rows: m,
-                y: a,
-                cols: n,
-                ..fwd
-            };
-            (fwd, d, Some((swapped, "key", m)))
+            (fwd, query.cols(), Some((fwd.swapped(), "key", key.rows())))
         }
         DeviceInputs::Symmetric { query, key } => {
-            let (n, d) = (query.rows(), query.cols());
-            let (a, b) = (addr(query.slice(), gpu), addr(key.slice(), gpu));
             let fwd = Side {
-                x: a,
-                rows: n,
-                y: b,
-                cols: n,
+                x: query.slice(),
+                rows: query.rows(),
+                y: key.slice(),
+                cols: key.rows(),
                 tgt_kind: TGT_IDENTITY,
-                tgt: 0,
+                tgt: None,
                 half: 0,
                 mask_self: false,
             };
-            let swapped = Side { x: b, y: a, ..fwd };
-            (fwd, d, Some((swapped, "key", n)))
+            (fwd, query.cols(), Some((fwd.swapped(), "key", key.rows())))
         }
         DeviceInputs::Queue { .. } => unreachable!("queue mode is handled by the caller"),
     };
@@ -798,12 +849,12 @@ fn pair_eval<T: DeviceElement>(
         .map(|x| x as f32)
         .collect();
     let weights = stream.clone_htod(&w)?;
-    let loss_each = alloc(losses)?;
-    let lse = alloc(n)?;
-    let (wp, lp) = (addr(&weights, gpu), addr(&loss_each, gpu));
-    pair_lse::<T>(gpu, &fwd, d, scale_log2, alpha, addr(&lse, gpu), lp)?;
+    let w_scale = weight_scale(&w);
+    let mut loss_each = alloc(losses)?;
+    let mut lse = alloc(n)?;
+    pair_lse::<T>(gpu, &fwd, d, scale_log2, alpha, &mut lse, &mut loss_each, 0)?;
     let lse_cols = if symmetric {
-        let lc = alloc(n)?;
+        let mut lc = alloc(n)?;
         let (swapped, _, _) = second.expect("symmetric has a second side");
         pair_lse::<T>(
             gpu,
@@ -811,8 +862,9 @@ fn pair_eval<T: DeviceElement>(
             d,
             scale_log2,
             alpha,
-            addr(&lc, gpu),
-            lp + 4 * n as u64,
+            &mut lc,
+            &mut loss_each,
+            n,
         )?;
         Some(lc)
     } else {
@@ -820,76 +872,63 @@ fn pair_eval<T: DeviceElement>(
     };
 
     let mut grads: Vec<(&'static str, DeviceGrad<T>)> = Vec::new();
-    let dtau_acc = if learnable && grads_on {
+    let mut dtau_acc = if learnable && grads_on {
         Some(alloc(1)?)
     } else {
         None
     };
-    let dt = dtau_acc.as_ref().map_or(0, |s| addr(s, gpu));
     if grads_on {
-        let lse_r = addr(&lse, gpu);
-        let lse_c = lse_cols.as_ref().map_or(0, |s| addr(s, gpu));
-        let w_c = wp + 4 * n as u64;
         let first_name = if spec.mode() == Mode::InBatch {
             "embeddings"
         } else {
             "query"
         };
         // dX of the first side: inbatch (G + Gᵀ)·E with one weight/LSE array for both terms;
-        // cross G·B; symmetric (G_row + G_col)·B.
+        // cross G·B; symmetric (G_row + G_col)·B. The column loss's weights start at element n.
+        let row = Some((&lse, &weights, 0));
         let (terms, dterms) = match spec.mode() {
-            Mode::InBatch => ([lse_r, wp, lse_r, wp], 1),
-            Mode::Symmetric => ([lse_r, wp, lse_c, w_c], 2),
-            _ => ([lse_r, wp, 0, 0], 2),
+            Mode::InBatch => (Terms { row, col: row }, 1),
+            Mode::Symmetric => (
+                Terms {
+                    row,
+                    col: lse_cols.as_ref().map(|c| (c, &weights, n)),
+                },
+                2,
+            ),
+            _ => (Terms { row, col: None }, 2),
         };
-        let dx = DeviceMatrix::<f32>::zeros(gpu, n, d)?;
+        let mut dx = DeviceMatrix::<f32>::zeros(gpu, n, d)?;
         let (splits, per) = queue_split(gpu.properties().sm_count, fwd.rows, fwd.cols);
-        let dtt = if learnable { dterms } else { 0 };
-        pair_launch::<T>(
-            gpu,
-            true,
-            &fwd,
-            d,
-            splits,
-            per,
-            scale_log2,
-            0,
-            0,
+        let pass = Pass::Grad {
             terms,
-            alpha,
-            addr(dx.slice(), gpu),
-            dt,
-            dtt,
+            dx: dx.slice_mut(),
+            dtau: dtau_acc.as_mut().map(|acc| (acc, dterms)),
+            w_scale,
             theta,
-        )?;
+        };
+        pair_launch::<T>(gpu, &fwd, d, splits, per, scale_log2, alpha, pass)?;
         grads.push((first_name, cast_grad(gpu, dx, opts.grad_dtype)?));
         if let Some((swapped, name, rows)) = second {
             // dY: the swapped problem; its "row" anchors are the column loss's (symmetric) and its
             // "column" anchors are the first side's rows.
-            let terms = if symmetric {
-                [lse_c, w_c, lse_r, wp]
-            } else {
-                [0, 0, lse_r, wp]
+            let terms = Terms {
+                row: if symmetric {
+                    lse_cols.as_ref().map(|c| (c, &weights, n))
+                } else {
+                    None
+                },
+                col: row,
             };
-            let dy = DeviceMatrix::<f32>::zeros(gpu, rows, d)?;
+            let mut dy = DeviceMatrix::<f32>::zeros(gpu, rows, d)?;
             let (splits, per) = queue_split(gpu.properties().sm_count, swapped.rows, swapped.cols);
-            pair_launch::<T>(
-                gpu,
-                true,
-                &swapped,
-                d,
-                splits,
-                per,
-                scale_log2,
-                0,
-                0,
+            let pass = Pass::Grad {
                 terms,
-                alpha,
-                addr(dy.slice(), gpu),
-                0,
-                0,
+                dx: dy.slice_mut(),
+                dtau: None,
+                w_scale,
                 theta,
-            )?;
+            };
+            pair_launch::<T>(gpu, &swapped, d, splits, per, scale_log2, alpha, pass)?;
             grads.push((name, cast_grad(gpu, dy, opts.grad_dtype)?));
         }
     }
@@ -897,9 +936,9 @@ fn pair_eval<T: DeviceElement>(
     let loss = reduce_losses(gpu, spec, loss_each, losses)?;
     let grad_temperature = match &dtau_acc {
         Some(acc) => {
-            let out = alloc(1)?;
+            let mut out = alloc(1)?;
             // dL/dτ = −α² Σ g·s.
-            sum_scaled(gpu, addr(acc, gpu), 1, -alpha * alpha, addr(&out, gpu))?;
+            sum_scaled(gpu, acc, 1, -alpha * alpha, &mut out)?;
             Some(out)
         }
         None => None,
@@ -935,6 +974,18 @@ mod tests {
         assert_eq!(queue_split(132, 256, 0), (0, 0));
         // moco: 4 row tiles → about 66 splits of 1024 keys.
         assert_eq!(queue_split(132, 256, 65_536), (64, 1024));
+    }
+
+    #[test]
+    fn weight_scale_is_a_power_of_two_near_the_inverse_maximum() {
+        assert_eq!(weight_scale(&[1.0 / 8192.0; 3]), 8192.0);
+        assert_eq!(weight_scale(&[0.3, -0.75]), 2.0);
+        assert_eq!(weight_scale(&[1.0]), 1.0);
+        assert_eq!(weight_scale(&[3.0]), 0.5);
+        assert_eq!(weight_scale(&[0.0, 0.0]), 1.0);
+        assert_eq!(weight_scale(&[]), 1.0);
+        let s = weight_scale(&[1e-30]);
+        assert!(s.is_finite() && s == 2f32.powi(100), "{s}");
     }
 
     #[test]

@@ -13,14 +13,11 @@
 //! Normalisation is a pre-pass (kernels/normalize.cu) into a normalised copy of each input; the
 //! gradients are chained back to the raw rows by `infonce_finish`.
 
-use cudarc::driver::{
-    CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
-    SyncOnDrop,
-};
+use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig};
 
 use super::device::Gpu;
 use super::fused::{DeviceGrad, DeviceInputs, DeviceOptions, DeviceOutput, GradDType, QueueView};
-use super::launch;
+use super::launch::{self, launch, Args};
 use super::matrix::{DeviceElement, DeviceMatrix};
 use super::normalize::normalize_rows;
 use crate::error::{Error, Result};
@@ -228,34 +225,6 @@ const _: () = {
 // (same field order and types; sizes asserted on both sides), passed by value as a kernel argument.
 unsafe impl DeviceRepr for InfonceParams {}
 
-/// Raw device addresses of buffers for one group of launches, with the guards that keep cudarc's
-/// stream-ordering events right (dropped after the launches are queued).
-struct Ptrs<'a> {
-    stream: &'a CudaStream,
-    guards: Vec<SyncOnDrop<'a>>,
-}
-
-impl<'a> Ptrs<'a> {
-    fn new(stream: &'a CudaStream) -> Self {
-        Self {
-            stream,
-            guards: Vec::new(),
-        }
-    }
-    /// A buffer the kernels read.
-    fn read<T>(&mut self, s: &'a CudaSlice<T>) -> u64 {
-        let (p, g) = s.device_ptr(self.stream);
-        self.guards.push(g);
-        p
-    }
-    /// A buffer the kernels write.
-    fn write<T>(&mut self, s: &'a mut CudaSlice<T>) -> u64 {
-        let (p, g) = s.device_ptr_mut(self.stream);
-        self.guards.push(g);
-        p
-    }
-}
-
 fn dim_i32(dim: usize) -> Result<i32> {
     i32::try_from(dim).map_err(|_| Error::shape("inputs", format!("D = {dim}"), "D < 2^31"))
 }
@@ -434,32 +403,37 @@ fn run_problem<T: DeviceElement>(
     let mut scale = alloc_f32(gpu, n)?;
     let simple = base.variant == VARIANT_SIMPLE;
 
-    let stream = gpu.stream();
-    let mut ptrs = Ptrs::new(stream);
-    let f4 = std::mem::size_of::<f32>() as u64;
-    let off = prob.offset as u64 * f4;
+    // The struct's device pointers, with their guards: held until the three launches are queued.
+    let mut bufs = Args::new(gpu);
     let mut p = *base;
-    p.x = ptrs.read(prob.x);
-    p.y = ptrs.read(prob.y);
-    p.pos = prob.pos.map_or(0, |s| ptrs.read(s));
-    p.targets = prob.targets.map_or(0, |s| ptrs.read(s));
-    p.s_threshold = prob.s_threshold.map_or(0, |s| ptrs.read(s));
-    p.weights = ptrs.read(&work.weights) + off;
-    p.part_max = ptrs.write(&mut part_max);
-    p.part_sum = ptrs.write(&mut part_sum);
-    p.part_pz = ptrs.write(&mut part_pz);
-    p.part_acc = part_acc.as_mut().map_or(0, |s| ptrs.write(s));
-    p.loss = ptrs.write(&mut work.losses) + off;
+    p.x = bufs.read_ptr(prob.x, 0)?;
+    p.y = bufs.read_ptr(prob.y, 0)?;
+    p.pos = prob.pos.map_or(Ok(0), |s| bufs.read_ptr(s, 0))?;
+    p.targets = prob.targets.map_or(Ok(0), |s| bufs.read_ptr(s, 0))?;
+    p.s_threshold = prob.s_threshold.map_or(Ok(0), |s| bufs.read_ptr(s, 0))?;
+    p.weights = bufs.read_ptr(&work.weights, prob.offset)?;
+    p.part_max = bufs.write_ptr(&mut part_max, 0)?;
+    p.part_sum = bufs.write_ptr(&mut part_sum, 0)?;
+    p.part_pz = bufs.write_ptr(&mut part_pz, 0)?;
+    p.part_acc = part_acc.as_mut().map_or(Ok(0), |s| bufs.write_ptr(s, 0))?;
+    p.loss = bufs.write_ptr(&mut work.losses, prob.offset)?;
     p.lse = if simple {
         0
     } else {
-        ptrs.write(&mut work.lse[lse_index])
+        bufs.write_ptr(&mut work.lse[lse_index], 0)?
     };
-    p.dtau = work.dtau.as_mut().map_or(0, |s| ptrs.write(s) + off);
-    p.dpos = ptrs.write(&mut dpos);
-    p.scale = ptrs.write(&mut scale);
+    p.dtau = work
+        .dtau
+        .as_mut()
+        .map_or(Ok(0), |s| bufs.write_ptr(s, prob.offset))?;
+    p.dpos = bufs.write_ptr(&mut dpos, 0)?;
+    p.scale = bufs.write_ptr(&mut scale, 0)?;
     if with_grad {
-        let g: Vec<u64> = work.grads.iter_mut().map(|s| ptrs.write(s)).collect();
+        let g: Vec<u64> = work
+            .grads
+            .iter_mut()
+            .map(|s| bufs.write_ptr(s, 0))
+            .collect::<Result<_>>()?;
         p.grad_x = prob.grad_x.map_or(0, |i| g[i]);
         p.grad_y = prob.grad_y.map_or(0, |i| g[i]);
         p.grad_pos = prob.grad_pos.map_or(0, |i| g[i]);
@@ -475,36 +449,48 @@ fn run_problem<T: DeviceElement>(
     p.self_skip = prob.self_skip as i32;
 
     let dt = T::DTYPE.name();
-    // SAFETY (all three launches): the kernels take one `InfonceParams` by value, laid out as
-    // above. Every pointer is a live buffer of this evaluation held borrowed by `ptrs` until the
-    // launches are queued: x, pos hold n_anchors × dim elements, y holds y_cap × dim with
-    // y_start < y_cap and n_keys ≤ y_cap, targets n_anchors indices in [0, n_keys), weights, losses,
-    // dτ (from `offset`), lse, dpos, scale and s_threshold n_anchors floats, the partials chunks × n_anchors
-    // (× dim for part_acc) floats, grad_x/grad_pos n_anchors × dim and grad_y n_keys × dim floats
-    // (checked by device_shape and the allocations in `evaluate`).
-    let f = gpu.function(MODULE, &format!("infonce_rows_{dt}"))?;
-    let cfg = launch::checked(gpu, "infonce_rows", rows_config(&plan))?;
-    let mut b = stream.launch_builder(&f);
-    b.arg(&p);
-    unsafe { b.launch(cfg) }?;
-    gpu.check_launch("infonce_rows")?;
-
-    let f = gpu.function(MODULE, &format!("infonce_merge_{dt}"))?;
-    let cfg = launch::checked(gpu, "infonce_merge", merge_config(n)?)?;
-    let mut b = stream.launch_builder(&f);
-    b.arg(&p);
-    unsafe { b.launch(cfg) }?;
-    gpu.check_launch("infonce_merge")?;
-
-    if with_grad && prob.grad_y.is_some() && prob.n_keys > 0 {
-        let f = gpu.function(MODULE, &format!("infonce_cols_{dt}"))?;
-        let cfg = launch::checked(gpu, "infonce_cols", cols_config(prob.n_keys)?)?;
-        let mut b = stream.launch_builder(&f);
-        b.arg(&p);
-        unsafe { b.launch(cfg) }?;
-        gpu.check_launch("infonce_cols")?;
+    let params = |p: InfonceParams| {
+        let mut a = Args::new(gpu);
+        a.value(p);
+        a
+    };
+    // SAFETY (all three launches): `extern "C" void infonce_<pass>_<dtype>(const InfonceParams p)`,
+    // the struct laid out as above. Every pointer is a live buffer of this evaluation guarded by
+    // `bufs` until the launches are queued: x, pos hold n_anchors × dim elements, y holds
+    // y_cap × dim with y_start < y_cap and n_keys ≤ y_cap, targets n_anchors indices in
+    // [0, n_keys), weights, losses, dτ (from `offset`), lse, dpos, scale and s_threshold
+    // n_anchors floats, the partials chunks × n_anchors (× dim for part_acc) floats,
+    // grad_x/grad_pos n_anchors × dim and grad_y n_keys × dim floats (checked by device_shape and
+    // the allocations in `evaluate`); THREADS-thread blocks as the kernels assume.
+    unsafe {
+        launch(
+            gpu,
+            "infonce_rows",
+            MODULE,
+            &format!("infonce_rows_{dt}"),
+            rows_config(&plan),
+            params(p),
+        )?;
+        launch(
+            gpu,
+            "infonce_merge",
+            MODULE,
+            &format!("infonce_merge_{dt}"),
+            merge_config(n)?,
+            params(p),
+        )?;
+        if with_grad && prob.grad_y.is_some() && prob.n_keys > 0 {
+            launch(
+                gpu,
+                "infonce_cols",
+                MODULE,
+                &format!("infonce_cols_{dt}"),
+                cols_config(prob.n_keys)?,
+                params(p),
+            )?;
+        }
     }
-    drop(ptrs);
+    drop(bufs);
     Ok(())
 }
 
@@ -516,14 +502,20 @@ fn reduce(
     factor: f32,
     out: &mut CudaSlice<f32>,
 ) -> Result<()> {
-    let f = gpu.function(MODULE, "infonce_reduce_f32")?;
-    let cfg = launch::checked(gpu, "infonce_reduce", reduce_config())?;
-    let n = n as i64;
-    let mut b = gpu.stream().launch_builder(&f);
-    b.arg(x).arg(&n).arg(&factor).arg(out);
-    // SAFETY: signature (const float*, int64_t, float, float*); x holds ≥ n floats, out ≥ 1.
-    unsafe { b.launch(cfg) }?;
-    gpu.check_launch("infonce_reduce")
+    let mut a = Args::new(gpu);
+    a.read(x).i64(n as i64).f32(factor).write(out);
+    // SAFETY: infonce_reduce_f32(const float* x, int64_t n, float factor, float* out); x holds
+    // ≥ n floats, out ≥ 1; one block of REDUCE_THREADS (its shared array).
+    unsafe {
+        launch(
+            gpu,
+            "infonce_reduce",
+            MODULE,
+            "infonce_reduce_f32",
+            reduce_config(),
+            a,
+        )
+    }
 }
 
 /// One input gradient to finish: the raw rows, their normalisation, the f32 accumulator.
@@ -557,40 +549,34 @@ fn finish<T: DeviceElement>(
     if job.rows == 0 {
         return Ok(out);
     }
-    let f = gpu.function(MODULE, &format!("infonce_finish_{}", T::DTYPE.name()))?;
-    let cfg = launch::checked(gpu, "infonce_finish", finish_config(job.rows)?)?;
-    let stream = gpu.stream();
-    let mut ptrs = Ptrs::new(stream);
-    let x = ptrs.read(job.raw.slice());
-    let inv = job.inv_norm.map_or(0, |s| ptrs.read(s));
-    let gp = ptrs.read(g);
-    let (o32, ot) = match &mut out {
-        DeviceGrad::F32(m) => (ptrs.write(m.slice_mut()), 0u64),
-        DeviceGrad::Input(m) => (0u64, ptrs.write(m.slice_mut())),
-    };
     let (rows, d, start, cap) = (
         job.rows as i64,
         dim_i32(dim)?,
         job.start as i64,
         job.raw.rows().max(1) as i64,
     );
-    let mut b = stream.launch_builder(&f);
-    b.arg(&x)
-        .arg(&inv)
-        .arg(&gp)
-        .arg(&o32)
-        .arg(&ot)
-        .arg(&rows)
-        .arg(&d)
-        .arg(&start)
-        .arg(&cap);
-    // SAFETY: signature (const T*, const float*, const float*, float*, T*, int64_t, int, int64_t,
-    // int64_t). x holds cap × dim elements (the raw input; a ring for the queue), inv_norm cap
-    // floats (or null), g and the output rows × dim; row r reads x row (start + r) mod cap, and
-    // start < cap, rows ≤ cap.
-    unsafe { b.launch(cfg) }?;
-    drop(ptrs);
-    gpu.check_launch("infonce_finish")?;
+    let mut a = Args::new(gpu);
+    a.read(job.raw.slice()).read_opt(job.inv_norm).read(g);
+    match &mut out {
+        DeviceGrad::F32(m) => a.write(m.slice_mut()).null(),
+        DeviceGrad::Input(m) => a.null().write(m.slice_mut()),
+    };
+    a.i64(rows).i32(d).i64(start).i64(cap);
+    // SAFETY: infonce_finish_<dtype>(const T* x, const float* inv_norm, const float* g,
+    // float* out_f32, T* out_t, int64_t rows, int dim, int64_t x_start, int64_t x_cap). x holds
+    // cap × dim elements (the raw input; a ring for the queue), inv_norm cap floats (or null), g
+    // and the output rows × dim; row r reads x row (start + r) mod cap, and start < cap,
+    // rows ≤ cap; one warp per row (FINISH_ROWS warps per block).
+    unsafe {
+        launch(
+            gpu,
+            "infonce_finish",
+            MODULE,
+            &format!("infonce_finish_{}", T::DTYPE.name()),
+            finish_config(job.rows)?,
+            a,
+        )
+    }?;
     Ok(out)
 }
 

@@ -20,11 +20,11 @@
 //! Every reduction runs in a fixed order: results are deterministic (for a given device, since
 //! the launch shapes do not depend on it). Similarities are f32 (as in [`super::select`]).
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig};
 
 use super::device::Gpu;
 use super::fused::DeviceInputs;
-use super::launch;
+use super::launch::{self, launch, Args};
 use super::matrix::{DeviceElement, DeviceMatrix};
 use super::select::{pair_set, self_pairs};
 use crate::error::{Error, Result};
@@ -100,16 +100,12 @@ pub(crate) fn penalty_dims(anchors: usize, bins: usize) -> Result<Dims> {
     Ok(((groups as u32, 1, 1), (PAIR_THREADS, 1, 1), smem as u32))
 }
 
-fn config(gpu: &Gpu, d: Dims) -> Result<LaunchConfig> {
-    launch::checked(
-        gpu,
-        KERNEL,
-        LaunchConfig {
-            grid_dim: d.0,
-            block_dim: d.1,
-            shared_mem_bytes: d.2,
-        },
-    )
+fn config(d: Dims) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: d.0,
+        block_dim: d.1,
+        shared_mem_bytes: d.2,
+    }
 }
 
 fn cols_i32(name: &'static str, cols: usize) -> Result<i32> {
@@ -158,36 +154,43 @@ pub fn uniformity_into<T: DeviceElement>(
     let mut row_max = gpu.stream().alloc_zeros::<f32>(n)?;
     let mut row_sum = gpu.stream().alloc_zeros::<f32>(n)?;
     let t32 = t as f32;
-    {
-        let f = gpu.function(
+    let mut a = Args::new(gpu);
+    p.push(&mut a);
+    a.f32(t32).write(&mut row_max).write(&mut row_sum);
+    // SAFETY: metrics_uniformity_rows_<dtype>(PAIR_SET_PARAMS(T), float t, float* row_max,
+    // float* row_sum); the pair set is x against itself (n × cols, skipping row i), row_max and
+    // row_sum hold n floats; PAIR_THREADS threads per block.
+    unsafe {
+        launch(
+            gpu,
+            KERNEL,
             KERNEL,
             &format!("metrics_uniformity_rows_{}", T::DTYPE.name()),
-        )?;
-        let cfg = config(gpu, uniformity_dims(n)?)?;
-        let mut b = gpu.stream().launch_builder(&f);
-        p.push(&mut b);
-        b.arg(&t32).arg(&mut row_max).arg(&mut row_sum);
-        // SAFETY: signature (PAIR_SET_PARAMS(T), float t, float* row_max, float* row_sum);
-        // the pair set is x against itself (n × cols, skipping row i), row_max and row_sum hold
-        // n floats.
-        unsafe { b.launch(cfg) }?;
-        gpu.check_launch(KERNEL)?;
-    }
+            config(uniformity_dims(n)?),
+            a,
+        )
+    }?;
     let log_count = ((n as f64) * (n as f64 - 1.0)).ln() as f32;
-    let rows = n as i64;
-    let f = gpu.function(KERNEL, "metrics_lse_merge")?;
-    let cfg = config(gpu, merge_dims())?;
-    let mut b = gpu.stream().launch_builder(&f);
-    b.arg(&row_max)
-        .arg(&row_sum)
-        .arg(&rows)
-        .arg(&log_count)
-        .arg(out);
-    // SAFETY: signature (const float*, const float*, int64_t rows, float, float* out); row_max
-    // and row_sum hold `rows` floats, out at least one (checked above); one block of
-    // MERGE_THREADS (a power of two ≤ 1024, the kernel's shared array) threads.
-    unsafe { b.launch(cfg) }?;
-    gpu.check_launch(KERNEL)
+    let mut a = Args::new(gpu);
+    a.read(&row_max)
+        .read(&row_sum)
+        .i64(n as i64)
+        .f32(log_count)
+        .write(out);
+    // SAFETY: metrics_lse_merge(const float* row_max, const float* row_sum, int64_t rows,
+    // float log_count, float* out); row_max and row_sum hold `rows` floats, out at least one
+    // (checked above); one block of MERGE_THREADS (a power of two ≤ 1024, the kernel's shared
+    // array) threads.
+    unsafe {
+        launch(
+            gpu,
+            KERNEL,
+            KERNEL,
+            "metrics_lse_merge",
+            config(merge_dims()),
+            a,
+        )
+    }
 }
 
 /// Maps arbitrary labels to dense class ids `0..classes` (in increasing label order) for
@@ -252,62 +255,76 @@ pub fn tolerance_into<T: DeviceElement>(
     let s = gpu.stream();
     let mut inv = s.alloc_zeros::<f32>(n)?;
     let mut sq = s.alloc_zeros::<f32>(n)?;
-    {
-        let f = gpu.function(KERNEL, &format!("metrics_rownorm_{name}"))?;
-        let cfg = config(gpu, rownorm_dims(n)?)?;
-        let mut b = s.launch_builder(&f);
-        b.arg(x.slice())
-            .arg(&rows)
-            .arg(&cols)
-            .arg(&mut inv)
-            .arg(&mut sq);
-        // SAFETY: signature (const T* x, int64_t rows, int cols, float* inv_norm, float* sqnorm);
-        // x holds rows × cols elements, inv and sq `rows` floats.
-        unsafe { b.launch(cfg) }?;
-        gpu.check_launch(KERNEL)?;
-    }
+    let mut a = Args::new(gpu);
+    a.read(x.slice())
+        .i64(rows)
+        .i32(cols)
+        .write(&mut inv)
+        .write(&mut sq);
+    // SAFETY: metrics_rownorm_<dtype>(const T* x, int64_t rows, int cols, float* inv_norm,
+    // float* sqnorm); x holds rows × cols elements, inv and sq `rows` floats; one warp per row.
+    unsafe {
+        launch(
+            gpu,
+            KERNEL,
+            KERNEL,
+            &format!("metrics_rownorm_{name}"),
+            config(rownorm_dims(n)?),
+            a,
+        )
+    }?;
     let sum_len = classes
         .checked_mul(d)
         .ok_or_else(|| Error::parameter("classes", classes, "classes × D must fit in memory"))?;
     let mut class_sum = s.alloc_zeros::<f32>(sum_len)?;
     let mut class_count = s.alloc_zeros::<i64>(classes)?;
     let mut class_sq = s.alloc_zeros::<f32>(classes)?;
-    {
-        let f = gpu.function(KERNEL, &format!("metrics_classsum_{name}"))?;
-        let cfg = config(gpu, classsum_dims(classes, d)?)?;
-        let mut b = s.launch_builder(&f);
-        b.arg(x.slice())
-            .arg(&inv)
-            .arg(&sq)
-            .arg(labels)
-            .arg(&rows)
-            .arg(&cols)
-            .arg(&classes_i)
-            .arg(&mut class_sum)
-            .arg(&mut class_count)
-            .arg(&mut class_sq);
-        // SAFETY: signature (const T* x, const float* inv_norm, const float* sqnorm, const
-        // int64_t* labels, int64_t rows, int cols, int64_t classes, float* class_sum, int64_t*
-        // class_count, float* class_sq); x holds rows × cols, inv/sq/labels ≥ rows (checked),
-        // class_sum classes × cols, class_count and class_sq `classes` elements; the block is
-        // CLASSSUM_THREADS threads as the kernel's shared tiles expect.
-        unsafe { b.launch(cfg) }?;
-        gpu.check_launch(KERNEL)?;
+    let mut a = Args::new(gpu);
+    a.read(x.slice())
+        .read(&inv)
+        .read(&sq)
+        .read(labels)
+        .i64(rows)
+        .i32(cols)
+        .i64(classes_i)
+        .write(&mut class_sum)
+        .write(&mut class_count)
+        .write(&mut class_sq);
+    // SAFETY: metrics_classsum_<dtype>(const T* x, const float* inv_norm, const float* sqnorm,
+    // const int64_t* labels, int64_t rows, int cols, int64_t classes, float* class_sum, int64_t*
+    // class_count, float* class_sq); x holds rows × cols, inv/sq/labels ≥ rows (checked),
+    // class_sum classes × cols, class_count and class_sq `classes` elements; the block is
+    // CLASSSUM_THREADS threads as the kernel's shared tiles expect.
+    unsafe {
+        launch(
+            gpu,
+            KERNEL,
+            KERNEL,
+            &format!("metrics_classsum_{name}"),
+            config(classsum_dims(classes, d)?),
+            a,
+        )
+    }?;
+    let mut a = Args::new(gpu);
+    a.read(&class_sum)
+        .read(&class_count)
+        .read(&class_sq)
+        .i64(classes_i)
+        .i32(cols)
+        .write(out);
+    // SAFETY: metrics_tolerance_merge(const float* class_sum, const int64_t* class_count,
+    // const float* class_sq, int64_t classes, int cols, float* out); buffers sized as allocated
+    // above, out ≥ 1 element; one block of MERGE_THREADS (≤ 1024, the kernel's shared arrays).
+    unsafe {
+        launch(
+            gpu,
+            KERNEL,
+            KERNEL,
+            "metrics_tolerance_merge",
+            config(merge_dims()),
+            a,
+        )
     }
-    let f = gpu.function(KERNEL, "metrics_tolerance_merge")?;
-    let cfg = config(gpu, merge_dims())?;
-    let mut b = s.launch_builder(&f);
-    b.arg(&class_sum)
-        .arg(&class_count)
-        .arg(&class_sq)
-        .arg(&classes_i)
-        .arg(&cols)
-        .arg(out);
-    // SAFETY: signature (const float*, const int64_t*, const float*, int64_t classes, int cols,
-    // float* out); buffers sized as allocated above, out ≥ 1 element; one block of
-    // MERGE_THREADS (≤ 1024, the kernel's shared arrays) threads.
-    unsafe { b.launch(cfg) }?;
-    gpu.check_launch(KERNEL)
 }
 
 /// The penalty histogram and the effective number of negatives, in device memory.
@@ -372,41 +389,51 @@ pub fn penalty<T: DeviceElement>(
     let mut eff_part = s.alloc_zeros::<f32>(groups)?;
     let bins_i = bins as i32;
     let name = T::DTYPE.name();
-    {
-        let f = gpu.function(KERNEL, &format!("metrics_penalty_{name}"))?;
-        let cfg = config(gpu, dims)?;
-        let mut b = s.launch_builder(&f);
-        p.push(&mut b);
-        b.arg(&tau_min)
-            .arg(&tau_max)
-            .arg(&bins_i)
-            .arg(&mut hist_part)
-            .arg(&mut eff_part);
-        // SAFETY: signature (PAIR_SET_PARAMS(T), float tau_min, float tau_max, int bins, float* hist_part,
-        // float* eff_part); the pair set's shapes were checked by pair_set; hist_part holds
-        // gridDim.x × bins floats and eff_part gridDim.x; the dynamic shared memory is
-        // nwarps × bins floats as the kernel indexes it.
-        unsafe { b.launch(cfg) }?;
-        gpu.check_launch(KERNEL)?;
-    }
+    let mut a = Args::new(gpu);
+    p.push(&mut a);
+    a.f32(tau_min)
+        .f32(tau_max)
+        .i32(bins_i)
+        .write(&mut hist_part)
+        .write(&mut eff_part);
+    // SAFETY: metrics_penalty_<dtype>(PAIR_SET_PARAMS(T), float tau_min, float tau_max, int bins,
+    // float* hist_part, float* eff_part); the pair set's shapes were checked by pair_set;
+    // hist_part holds gridDim.x × bins floats and eff_part gridDim.x; the dynamic shared memory
+    // is nwarps × bins floats as the kernel indexes it.
+    unsafe {
+        launch(
+            gpu,
+            KERNEL,
+            KERNEL,
+            &format!("metrics_penalty_{name}"),
+            config(dims),
+            a,
+        )
+    }?;
     let mut histogram = s.alloc_zeros::<f32>(bins)?;
     let mut effective_negatives = s.alloc_zeros::<f32>(1)?;
     let groups_i = groups as i32;
     let scale = (1.0 / n as f64) as f32;
-    let f = gpu.function(KERNEL, "metrics_penalty_merge")?;
-    let cfg = config(gpu, merge_dims())?;
-    let mut b = s.launch_builder(&f);
-    b.arg(&hist_part)
-        .arg(&eff_part)
-        .arg(&groups_i)
-        .arg(&bins_i)
-        .arg(&scale)
-        .arg(&mut histogram)
-        .arg(&mut effective_negatives);
-    // SAFETY: signature (const float* hist_part, const float* eff_part, int groups, int bins,
-    // float scale, float* hist, float* out_eff); sizes as allocated above.
-    unsafe { b.launch(cfg) }?;
-    gpu.check_launch(KERNEL)?;
+    let mut a = Args::new(gpu);
+    a.read(&hist_part)
+        .read(&eff_part)
+        .i32(groups_i)
+        .i32(bins_i)
+        .f32(scale)
+        .write(&mut histogram)
+        .write(&mut effective_negatives);
+    // SAFETY: metrics_penalty_merge(const float* hist_part, const float* eff_part, int groups,
+    // int bins, float scale, float* hist, float* out_eff); sizes as allocated above; one block.
+    unsafe {
+        launch(
+            gpu,
+            KERNEL,
+            KERNEL,
+            "metrics_penalty_merge",
+            config(merge_dims()),
+            a,
+        )
+    }?;
     Ok(PenaltyMetrics {
         histogram,
         effective_negatives,

@@ -4,10 +4,10 @@
 //! `dx = (du − u (u·du)) · inv_norm`. The fused loss kernels normalise on the fly; these kernels are
 //! the standalone op (and the first kernel checked end to end against the CPU reference).
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig};
 
 use super::device::Gpu;
-use super::launch;
+use super::launch::{self, launch, Args};
 use super::matrix::{DeviceElement, DeviceMatrix};
 use crate::error::{Error, Result};
 
@@ -15,17 +15,13 @@ const KERNEL: &str = "normalize";
 /// Rows per block: one warp per row.
 const ROWS_PER_BLOCK: usize = 8;
 
-/// The launch configuration of both normalisation kernels for `rows` rows.
-fn config(gpu: &Gpu, rows: usize) -> Result<LaunchConfig> {
-    launch::checked(
-        gpu,
-        KERNEL,
-        LaunchConfig {
-            grid_dim: (launch::grid_dim(KERNEL, rows, ROWS_PER_BLOCK)?, 1, 1),
-            block_dim: (32 * ROWS_PER_BLOCK as u32, 1, 1),
-            shared_mem_bytes: 0,
-        },
-    )
+/// The launch configuration of both normalisation kernels for `rows` rows: one warp per row.
+fn config(rows: usize) -> Result<LaunchConfig> {
+    Ok(LaunchConfig {
+        grid_dim: (launch::grid_dim(KERNEL, rows, ROWS_PER_BLOCK)?, 1, 1),
+        block_dim: (32 * ROWS_PER_BLOCK as u32, 1, 1),
+        shared_mem_bytes: 0,
+    })
 }
 
 fn cols_i32(cols: usize) -> Result<i32> {
@@ -61,19 +57,25 @@ pub fn normalize_rows_into<T: DeviceElement>(
     if x.rows() == 0 || x.cols() == 0 {
         return Ok(());
     }
-    let f = gpu.function(KERNEL, &format!("normalize_fwd_{}", T::DTYPE.name()))?;
-    let cfg = config(gpu, x.rows())?;
     let (rows, cols) = (x.rows() as i64, cols_i32(x.cols())?);
-    let mut b = gpu.stream().launch_builder(&f);
-    b.arg(x.slice())
-        .arg(u.slice_mut())
-        .arg(inv_norm)
-        .arg(&rows)
-        .arg(&cols);
-    // SAFETY: the kernel's signature is (const T*, T*, float*, int64_t, int); the buffers hold
-    // rows*cols (x, u) and rows (inv_norm) elements, checked above.
-    unsafe { b.launch(cfg) }?;
-    gpu.check_launch(KERNEL)
+    let mut a = Args::new(gpu);
+    a.read(x.slice())
+        .write(u.slice_mut())
+        .write(inv_norm)
+        .i64(rows)
+        .i32(cols);
+    // SAFETY: normalize_fwd_<dtype>(const T* x, T* u, float* inv_norm, int64_t rows, int cols);
+    // x and u hold rows × cols elements, inv_norm rows (checked above); one warp per row.
+    unsafe {
+        launch(
+            gpu,
+            KERNEL,
+            KERNEL,
+            &format!("normalize_fwd_{}", T::DTYPE.name()),
+            config(x.rows())?,
+            a,
+        )
+    }
 }
 
 /// Normalises the rows of `x`: returns `u` and `inv_norm`.
@@ -103,20 +105,26 @@ pub fn normalize_rows_backward_into<T: DeviceElement>(
     if n == 0 {
         return Ok(());
     }
-    let f = gpu.function(KERNEL, &format!("normalize_bwd_{}", T::DTYPE.name()))?;
-    let cfg = config(gpu, x.rows())?;
     let (rows, cols) = (x.rows() as i64, cols_i32(x.cols())?);
-    let mut b = gpu.stream().launch_builder(&f);
-    b.arg(x.slice())
-        .arg(inv_norm)
-        .arg(du)
-        .arg(dx)
-        .arg(&rows)
-        .arg(&cols);
-    // SAFETY: signature (const T*, const float*, const float*, float*, int64_t, int); lengths
-    // checked above.
-    unsafe { b.launch(cfg) }?;
-    gpu.check_launch(KERNEL)
+    let mut a = Args::new(gpu);
+    a.read(x.slice())
+        .read(inv_norm)
+        .read(du)
+        .write(dx)
+        .i64(rows)
+        .i32(cols);
+    // SAFETY: normalize_bwd_<dtype>(const T* x, const float* inv_norm, const float* du,
+    // float* dx, int64_t rows, int cols); lengths checked above; one warp per row.
+    unsafe {
+        launch(
+            gpu,
+            KERNEL,
+            KERNEL,
+            &format!("normalize_bwd_{}", T::DTYPE.name()),
+            config(x.rows())?,
+            a,
+        )
+    }
 }
 
 /// The backward of [`normalize_rows`], allocating `dx`.

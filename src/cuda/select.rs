@@ -40,11 +40,11 @@
 //! A NaN similarity orders as `total_cmp` does (a positive NaN is the largest value); a NaN
 //! threshold (a NaN among the k largest) keeps every negative in a kernel that drops `s < thr`.
 
-use cudarc::driver::{CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig};
 
 use super::device::Gpu;
 use super::fused::DeviceInputs;
-use super::launch;
+use super::launch::{self, launch, Args};
 use super::matrix::{DeviceElement, DeviceMatrix};
 use crate::error::{Error, Result};
 
@@ -81,7 +81,6 @@ pub(crate) struct PairSetArgs<'a, T: DeviceElement> {
     pub cols: i32,
     pub skip_mode: i32,
     pub normalize: i32,
-    null: u64,
 }
 
 impl<'a, T: DeviceElement> PairSetArgs<'a, T> {
@@ -90,20 +89,20 @@ impl<'a, T: DeviceElement> PairSetArgs<'a, T> {
         self.n_anchors as usize
     }
 
-    /// Pushes the ten `PAIR_SET_PARAMS` arguments.
-    pub fn push<'b>(&'b self, b: &mut LaunchArgs<'b>) {
-        b.arg(self.anchors.slice()).arg(self.keys.slice());
-        match self.targets {
-            Some(t) => b.arg(t),
-            None => b.arg(&self.null),
-        };
-        b.arg(&self.n_anchors)
-            .arg(&self.capacity)
-            .arg(&self.start)
-            .arg(&self.len)
-            .arg(&self.cols)
-            .arg(&self.skip_mode)
-            .arg(&self.normalize);
+    /// Pushes the ten `PAIR_SET_PARAMS` arguments: `const T* anchors, const T* keys,
+    /// const int64_t* targets, int64_t n_anchors, int64_t capacity, int64_t start, int64_t len,
+    /// int cols, int skip_mode, int normalize`.
+    pub fn push(&self, a: &mut Args<'a>) {
+        a.read(self.anchors.slice())
+            .read(self.keys.slice())
+            .read_opt(self.targets)
+            .i64(self.n_anchors)
+            .i64(self.capacity)
+            .i64(self.start)
+            .i64(self.len)
+            .i32(self.cols)
+            .i32(self.skip_mode)
+            .i32(self.normalize);
     }
 }
 
@@ -244,7 +243,6 @@ pub(crate) fn pair_set<'a, T: DeviceElement>(
         cols,
         skip_mode: skip as i32,
         normalize: normalize as i32,
-        null: 0,
     })
 }
 
@@ -267,7 +265,6 @@ pub(crate) fn self_pairs<T: DeviceElement>(
         cols,
         skip_mode: SkipMode::Target as i32,
         normalize: normalize as i32,
-        null: 0,
     })
 }
 
@@ -278,19 +275,6 @@ pub(crate) fn select_dims(anchors: usize) -> Result<(Dim3, Dim3)> {
         (launch::grid_dim(KERNEL, anchors, 1)?, 1, 1),
         (SELECT_THREADS, 1, 1),
     ))
-}
-
-fn config(gpu: &Gpu, anchors: usize) -> Result<LaunchConfig> {
-    let (grid_dim, block_dim) = select_dims(anchors)?;
-    launch::checked(
-        gpu,
-        KERNEL,
-        LaunchConfig {
-            grid_dim,
-            block_dim,
-            shared_mem_bytes: 0,
-        },
-    )
 }
 
 /// The number of anchors [`hard_thresholds`] returns a threshold for: N (queue, cross,
@@ -337,19 +321,31 @@ pub fn hard_thresholds_into<T: DeviceElement>(
     if p.anchors() == 0 {
         return Ok(());
     }
-    let f = gpu.function(KERNEL, &format!("select_kth_{}", T::DTYPE.name()))?;
-    let cfg = config(gpu, p.anchors())?;
-    let k = i64::try_from(k).unwrap_or(i64::MAX);
-    let mut b = gpu.stream().launch_builder(&f);
-    p.push(&mut b);
-    b.arg(&k).arg(out);
-    // SAFETY: the kernel's signature is (PAIR_SET_PARAMS(T), int64_t k, float* threshold):
-    // const T* anchors (n_anchors × cols), const T* keys (capacity × cols), const int64_t*
-    // targets (nullptr, or n_anchors elements: checked in pair_set), int64_t n_anchors, capacity,
-    // start, len, int cols, skip_mode, normalize; the shapes and the ring view (start < capacity,
-    // len ≤ capacity) were checked in pair_set, and `out` holds n_anchors floats (checked above).
-    unsafe { b.launch(cfg) }?;
-    gpu.check_launch(KERNEL)
+    let (grid_dim, block_dim) = select_dims(p.anchors())?;
+    let cfg = LaunchConfig {
+        grid_dim,
+        block_dim,
+        shared_mem_bytes: 0,
+    };
+    let mut a = Args::new(gpu);
+    p.push(&mut a);
+    a.i64(i64::try_from(k).unwrap_or(i64::MAX)).write(out);
+    // SAFETY: select_kth_<dtype>(PAIR_SET_PARAMS(T), int64_t k, float* threshold): const T*
+    // anchors (n_anchors × cols), const T* keys (capacity × cols), const int64_t* targets
+    // (null, or n_anchors elements: checked in pair_set), int64_t n_anchors, capacity, start, len,
+    // int cols, skip_mode, normalize; the shapes and the ring view (start < capacity,
+    // len ≤ capacity) were checked in pair_set, and `out` holds n_anchors floats (checked above);
+    // SELECT_THREADS threads per block, as the kernel's tiles assume.
+    unsafe {
+        launch(
+            gpu,
+            KERNEL,
+            KERNEL,
+            &format!("select_kth_{}", T::DTYPE.name()),
+            cfg,
+            a,
+        )
+    }
 }
 
 /// As [`hard_thresholds_into`], allocating the output ([`threshold_len`] values; one element

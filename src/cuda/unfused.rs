@@ -20,14 +20,14 @@ use cudarc::cublas::sys::{
     cublasComputeType_t, cublasGemmAlgo_t, cublasHandle_t, cublasOperation_t, cudaDataType,
 };
 use cudarc::cublas::{result as blas, CudaBlas};
-use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig};
 
 use super::device::Gpu;
 use super::fused::{
     DeviceGrad, DeviceInputs, DeviceOptions, DeviceOutput, GradDType, KernelPath, QueueView,
 };
 use super::kernels_v1::device_shape;
-use super::launch;
+use super::launch::{self, launch, Args};
 use super::matrix::{DeviceElement, DeviceMatrix};
 use crate::error::{Error, Result};
 use crate::loss::Upstream;
@@ -78,19 +78,8 @@ pub fn cublas_handle(gpu: &Gpu) -> Result<CudaBlas> {
     Ok(CudaBlas::new(gpu.stream().clone())?)
 }
 
-/// The raw device address of a buffer (for cuBLAS and pointer-offset launches).
-///
-/// Every op of this module runs on the one stream of the [`Gpu`], in order, so the event the
-/// guard records is not needed for ordering; the buffer must outlive the queued work, which the
-/// callers ensure by holding it until they return (outputs) or until the stream is synchronised
-/// by the caller (temporaries are freed stream-ordered).
-pub(crate) fn addr<T>(s: &CudaSlice<T>, gpu: &Gpu) -> u64 {
-    let (p, _guard) = s.device_ptr(gpu.stream());
-    p
-}
-
-/// One row-major GEMM call in cuBLAS's column-major terms (see the callers for the mapping).
-#[allow(clippy::too_many_arguments)]
+/// One row-major GEMM call in cuBLAS's column-major terms (see the callers for the mapping): the
+/// operands' device addresses come from an [`Args`] that guards them for the call.
 pub(crate) struct GemmCall {
     pub ta: cublasOperation_t,
     pub tb: cublasOperation_t,
@@ -118,11 +107,12 @@ fn c_int(what: &'static str, v: usize) -> Result<i32> {
 }
 
 impl GemmCall {
-    /// Runs the call on `handle` (alpha = 1).
+    /// Runs the call on `handle` (alpha = 1), on the handle's stream (the `Gpu`'s).
     ///
     /// # Safety
-    /// The pointers must address buffers of at least the sizes the call's shapes and leading
-    /// dimensions imply, alive until the stream has run the call.
+    /// The addresses must come from an [`Args`] of the handle's `Gpu` that is still alive (its
+    /// guards order the call against other streams), over buffers of at least the sizes the
+    /// call's shapes and leading dimensions imply.
     pub(crate) unsafe fn run(&self, handle: cublasHandle_t) -> Result<()> {
         if self.m == 0 || self.n == 0 {
             return Ok(());
@@ -154,18 +144,18 @@ impl GemmCall {
     }
 }
 
-/// A contiguous run of key rows: `rows` rows at device address `ptr`, occupying columns
-/// `col..col + rows` of the logit matrix.
+/// A contiguous run of key rows: `rows` rows from row `start` of the keys' buffer, occupying
+/// columns `col..col + rows` of the logit matrix.
 #[derive(Debug, Clone, Copy)]
 struct Segment {
-    ptr: u64,
+    start: usize,
     rows: usize,
     col: usize,
 }
 
-fn queue_segments<T: DeviceElement>(q: &QueueView<'_, T>, gpu: &Gpu) -> Result<Vec<Segment>> {
+/// The queue view's rows as at most two contiguous segments of its ring.
+fn queue_segments<T: DeviceElement>(q: &QueueView<'_, T>) -> Result<Vec<Segment>> {
     let cap = q.keys.rows();
-    let d = q.keys.cols();
     if q.len > cap || (cap > 0 && q.start >= cap) || (cap == 0 && q.len > 0) {
         return Err(Error::shape(
             "queue",
@@ -173,17 +163,15 @@ fn queue_segments<T: DeviceElement>(q: &QueueView<'_, T>, gpu: &Gpu) -> Result<V
             "start < capacity and len <= capacity",
         ));
     }
-    let base = addr(q.keys.slice(), gpu);
-    let es = std::mem::size_of::<T>() as u64;
     let first = q.len.min(cap - q.start.min(cap));
     let mut segs = vec![Segment {
-        ptr: base + (q.start * d) as u64 * es,
+        start: q.start,
         rows: first,
         col: 0,
     }];
     if first < q.len {
         segs.push(Segment {
-            ptr: base,
+            start: 0,
             rows: q.len - first,
             col: first,
         });
@@ -218,120 +206,142 @@ impl std::fmt::Debug for Unfused {
     }
 }
 
-struct Ctx {
+/// The gradient operand of the backward GEMMs: the low-precision copy of dS, or S itself (f32).
+#[derive(Clone, Copy)]
+enum GradOperand<'a, T: DeviceElement> {
+    F32(&'a CudaSlice<f32>),
+    Low(&'a CudaSlice<T>),
+}
+
+impl<'a, T: DeviceElement> GradOperand<'a, T> {
+    /// The address of element `offset` and the cuBLAS type.
+    fn ptr(self, args: &mut Args<'a>, offset: usize) -> Result<(u64, cudaDataType)> {
+        Ok(match self {
+            GradOperand::F32(s) => (args.read_ptr(s, offset)?, cudaDataType::CUDA_R_32F),
+            GradOperand::Low(s) => (args.read_ptr(s, offset)?, cuda_type(T::DTYPE)?),
+        })
+    }
+}
+
+struct Ctx<'g> {
+    gpu: &'g Gpu,
     handle: cublasHandle_t,
     dtype: cudaDataType,
     compute: cublasComputeType_t,
 }
 
-impl Ctx {
-    /// `S[r×ld] (cols seg.col..) = X[r×d] · Yseg[rows×d]ᵀ` for each segment: in column-major terms
-    /// `Sᵀ = Yseg · Xᵀ` (op(A) = T on the row-major Y buffer, op(B) = N on X).
-    fn logits(
+impl Ctx<'_> {
+    /// `S[r×ld] (cols seg.col..) = X[r×d] · Yseg[rows×d]ᵀ` for each segment of `keys`: in
+    /// column-major terms `Sᵀ = Yseg · Xᵀ` (op(A) = T on the row-major Y buffer, op(B) = N on X).
+    #[allow(clippy::too_many_arguments)]
+    fn logits<T: DeviceElement>(
         &self,
-        x: u64,
+        x: &CudaSlice<T>,
         r: usize,
+        keys: &CudaSlice<T>,
         segs: &[Segment],
         d: usize,
-        s: u64,
+        s: &mut CudaSlice<f32>,
         ld: usize,
     ) -> Result<()> {
         for seg in segs {
+            let mut g = Args::new(self.gpu);
             let call = GemmCall {
                 ta: cublasOperation_t::CUBLAS_OP_T,
                 tb: cublasOperation_t::CUBLAS_OP_N,
                 m: seg.rows,
                 n: r,
                 k: d,
-                a: seg.ptr,
+                a: g.read_ptr(keys, seg.start * d)?,
                 a_type: self.dtype,
                 lda: d,
-                b: x,
+                b: g.read_ptr(x, 0)?,
                 b_type: self.dtype,
                 ldb: d,
                 beta: 0.0,
-                c: s + 4 * seg.col as u64,
+                c: g.write_ptr(s, seg.col)?,
                 c_type: cudaDataType::CUDA_R_32F,
                 ldc: ld,
                 compute: self.compute,
             };
-            // SAFETY: S holds r×ld f32, X r×d and each segment rows×d elements (built by the
-            // caller from live buffers of those sizes).
+            // SAFETY: S holds r×ld f32, X r×d and each segment rows×d elements; `g` guards them.
             unsafe { call.run(self.handle) }?;
         }
         Ok(())
     }
 
-    /// `out[r×d] (+)= G[r×ld] · Y[ld×d]` over the segments: column-major `outᵀ = Yᵀ · Gᵀ`.
+    /// `out[r×d] (+)= G[r×ld] · Y[ld×d]` over the segments of `keys`: column-major
+    /// `outᵀ = Yᵀ · Gᵀ`.
     #[allow(clippy::too_many_arguments)]
-    fn grad_anchor(
+    fn grad_anchor<T: DeviceElement>(
         &self,
-        g: u64,
-        g_type: cudaDataType,
-        g_es: u64,
+        g_op: GradOperand<'_, T>,
         r: usize,
         ld: usize,
+        keys: &CudaSlice<T>,
         segs: &[Segment],
         d: usize,
-        out: u64,
+        out: &mut CudaSlice<f32>,
         beta: f32,
     ) -> Result<()> {
         for (i, seg) in segs.iter().enumerate() {
+            let mut g = Args::new(self.gpu);
+            let (gp, g_type) = g_op.ptr(&mut g, seg.col)?;
             let call = GemmCall {
                 ta: cublasOperation_t::CUBLAS_OP_N,
                 tb: cublasOperation_t::CUBLAS_OP_N,
                 m: d,
                 n: r,
                 k: seg.rows,
-                a: seg.ptr,
+                a: g.read_ptr(keys, seg.start * d)?,
                 a_type: self.dtype,
                 lda: d,
-                b: g + g_es * seg.col as u64,
+                b: gp,
                 b_type: g_type,
                 ldb: ld,
                 beta: if i == 0 { beta } else { 1.0 },
-                c: out,
+                c: g.write_ptr(out, 0)?,
                 c_type: cudaDataType::CUDA_R_32F,
                 ldc: d,
                 compute: self.compute,
             };
-            // SAFETY: G holds r×ld elements of g_type, out r×d f32, segments as in `logits`.
+            // SAFETY: G holds r×ld elements of its type, out r×d f32, segments as in `logits`.
             unsafe { call.run(self.handle) }?;
         }
         Ok(())
     }
 
-    /// `out[seg rows×d] (+)= G[:, seg cols]ᵀ · X[r×d]` for each segment (out rows in logit-column
-    /// order): column-major `outᵀ = Xᵀ · G[:, seg]`.
+    /// `out[seg rows×d] (+)= G[:, seg cols]ᵀ · X[r×d]` for each `(col, rows)` of `cols` (out rows
+    /// in logit-column order): column-major `outᵀ = Xᵀ · G[:, seg]`.
     #[allow(clippy::too_many_arguments)]
-    fn grad_key(
+    fn grad_key<T: DeviceElement>(
         &self,
-        g: u64,
-        g_type: cudaDataType,
-        g_es: u64,
+        g_op: GradOperand<'_, T>,
         r: usize,
         ld: usize,
         cols: &[(usize, usize)],
-        x: u64,
+        x: &CudaSlice<T>,
         d: usize,
-        out: u64,
+        out: &mut CudaSlice<f32>,
         beta: f32,
     ) -> Result<()> {
         for &(col, rows) in cols {
+            let mut g = Args::new(self.gpu);
+            let (gp, g_type) = g_op.ptr(&mut g, col)?;
             let call = GemmCall {
                 ta: cublasOperation_t::CUBLAS_OP_N,
                 tb: cublasOperation_t::CUBLAS_OP_T,
                 m: d,
                 n: rows,
                 k: r,
-                a: x,
+                a: g.read_ptr(x, 0)?,
                 a_type: self.dtype,
                 lda: d,
-                b: g + g_es * col as u64,
+                b: gp,
                 b_type: g_type,
                 ldb: ld,
                 beta,
-                c: out + 4 * (col * d) as u64,
+                c: g.write_ptr(out, col * d)?,
                 c_type: cudaDataType::CUDA_R_32F,
                 ldc: d,
                 compute: self.compute,
@@ -343,86 +353,119 @@ impl Ctx {
     }
 }
 
-/// One softmax cross-entropy launch over a logit matrix.
-struct CeLaunch {
-    s: u64,
-    g_lowp: u64,
+/// Where row i's positive is, for the cross-entropy kernel.
+enum Positive<'a> {
+    /// Not in the row: its similarity, one per row (queue mode).
+    Extra(&'a CudaSlice<f32>),
+    /// Column `targets[i]`.
+    Targets(&'a CudaSlice<i64>),
+    /// Column i.
+    Identity,
+    /// Column (i + rows/2) mod rows, and column i masked out (inbatch).
+    InBatch,
+}
+
+/// One softmax cross-entropy launch over a `rows × cols` logit matrix `s`.
+struct CeLaunch<'a, T: DeviceElement> {
     rows: usize,
     cols: usize,
-    pos_s: u64,
-    targets: u64,
-    pos_kind: i32,
+    positive: Positive<'a>,
     alpha: f32,
-    weights: u64,
-    loss: u64,
-    lse: u64,
-    dpos: u64,
-    dtau: u64,
-    inv_tau: f32,
+    /// The weights and per-anchor losses of this matrix's anchors start at this element.
+    offset: usize,
     write_grad: bool,
+    _dtype: std::marker::PhantomData<T>,
 }
 
-fn ce_rows<T: DeviceElement>(gpu: &Gpu, c: &CeLaunch) -> Result<()> {
+impl<'a, T: DeviceElement> CeLaunch<'a, T> {
+    fn new(
+        rows: usize,
+        cols: usize,
+        positive: Positive<'a>,
+        alpha: f32,
+        offset: usize,
+        write_grad: bool,
+    ) -> Self {
+        Self {
+            rows,
+            cols,
+            positive,
+            alpha,
+            offset,
+            write_grad,
+            _dtype: std::marker::PhantomData,
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn ce_rows<T: DeviceElement>(
+    gpu: &Gpu,
+    c: &CeLaunch<'_, T>,
+    s: &mut CudaSlice<f32>,
+    g_lowp: Option<&mut CudaSlice<T>>,
+    weights: &CudaSlice<f32>,
+    loss: &mut CudaSlice<f32>,
+    lse: &mut CudaSlice<f32>,
+    dpos: Option<&mut CudaSlice<f32>>,
+    dtau: Option<&mut CudaSlice<f32>>,
+) -> Result<()> {
     const K: &str = "unfused_ce_rows";
-    let f = gpu.function(MODULE, &format!("unfused_ce_rows_{}", T::DTYPE.name()))?;
-    let cfg = launch::checked(
-        gpu,
-        K,
-        LaunchConfig {
-            grid_dim: (launch::grid_dim(K, c.rows, 1)?, 1, 1),
-            block_dim: (CE_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        },
-    )?;
-    let (rows, cols, ld) = (c.rows as i64, c.cols as i64, c.cols as i64);
-    let wg = i32::from(c.write_grad);
-    let mut b = gpu.stream().launch_builder(&f);
-    b.arg(&c.s)
-        .arg(&c.g_lowp)
-        .arg(&rows)
-        .arg(&cols)
-        .arg(&ld)
-        .arg(&c.pos_s)
-        .arg(&c.targets)
-        .arg(&c.pos_kind)
-        .arg(&c.alpha)
-        .arg(&c.weights)
-        .arg(&c.loss)
-        .arg(&c.lse)
-        .arg(&c.dpos)
-        .arg(&c.dtau)
-        .arg(&c.inv_tau)
-        .arg(&wg);
-    // SAFETY: signature (float*, T*, i64, i64, i64, const float*, const i64*, int, float,
-    // const float*, float*, float*, float*, float*, float, int). S holds rows×cols f32, g_lowp
-    // rows×cols T (or 0 when T is f32 / no gradient), weights/loss/lse/dpos rows f32 (dpos and
-    // pos_s only read in POS_EXTRA mode), targets rows i64 in [0, cols) in POS_TARGETS mode.
-    unsafe { b.launch(cfg) }?;
-    gpu.check_launch(K)
+    let cfg = LaunchConfig {
+        grid_dim: (launch::grid_dim(K, c.rows, 1)?, 1, 1),
+        block_dim: (CE_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (pos_s, targets, kind) = match c.positive {
+        Positive::Extra(p) => (Some(p), None, POS_EXTRA),
+        Positive::Targets(t) => (None, Some(t), POS_TARGETS),
+        Positive::Identity => (None, None, POS_IDENTITY),
+        Positive::InBatch => (None, None, POS_INBATCH),
+    };
+    let mut a = Args::new(gpu);
+    a.write(s)
+        .write_opt(g_lowp)
+        .i64(c.rows as i64)
+        .i64(c.cols as i64)
+        .i64(c.cols as i64)
+        .read_opt(pos_s)
+        .read_opt(targets)
+        .i32(kind)
+        .f32(c.alpha)
+        .read_at(weights, c.offset)?
+        .write_at(loss, c.offset)?
+        .write(lse)
+        .write_opt(dpos)
+        .write_opt(dtau)
+        .f32(c.alpha)
+        .i32(i32::from(c.write_grad));
+    // SAFETY: unfused_ce_rows_<dtype>(float* S, T* G_lowp, int64_t rows, int64_t cols, int64_t ld,
+    // const float* pos_s, const int64_t* targets, int pos_kind, float alpha,
+    // const float* weights, float* loss_out, float* lse_out, float* dpos_out, float* dtau_acc,
+    // float inv_tau, int write_grad). S holds rows×cols f32, G_lowp rows×cols T (or null), weights
+    // and the losses rows f32 from `offset`, lse and dpos rows f32; pos_s (POS_EXTRA) rows f32,
+    // targets (POS_TARGETS) rows i64 in [0, cols). One block of CE_THREADS per row.
+    unsafe { launch(gpu, K, MODULE, &format!("{K}_{}", T::DTYPE.name()), cfg, a) }
 }
 
-fn elementwise_cfg(gpu: &Gpu, kernel: &'static str, n: usize) -> Result<LaunchConfig> {
+fn elementwise_cfg(gpu: &Gpu, n: usize) -> LaunchConfig {
     let blocks = n
         .div_ceil(256)
         .clamp(1, gpu.properties().sm_count.max(1) as usize * 16);
-    launch::checked(
-        gpu,
-        kernel,
-        LaunchConfig {
-            grid_dim: (blocks as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        },
-    )
+    LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 /// `out_i = beta·out_i + coef_i · x_i` over rows×d.
 #[allow(clippy::too_many_arguments)]
 fn row_axpy<T: DeviceElement>(
     gpu: &Gpu,
-    out: u64,
-    x: u64,
-    coef: u64,
+    out: &mut CudaSlice<f32>,
+    x: &CudaSlice<T>,
+    coef: &CudaSlice<f32>,
     beta: f32,
     rows: usize,
     d: usize,
@@ -431,62 +474,73 @@ fn row_axpy<T: DeviceElement>(
     if rows * d == 0 {
         return Ok(());
     }
-    let f = gpu.function(MODULE, &format!("unfused_row_axpy_{}", T::DTYPE.name()))?;
-    let cfg = elementwise_cfg(gpu, K, rows * d)?;
-    let (r, c) = (rows as i64, d as i32);
-    let mut b = gpu.stream().launch_builder(&f);
-    b.arg(&out).arg(&x).arg(&coef).arg(&beta).arg(&r).arg(&c);
-    // SAFETY: (float*, const T*, const float*, float, i64, int); out and x hold rows×d, coef rows.
-    unsafe { b.launch(cfg) }?;
-    gpu.check_launch(K)
+    let mut a = Args::new(gpu);
+    a.write(out)
+        .read(x)
+        .read(coef)
+        .f32(beta)
+        .i64(rows as i64)
+        .i32(d as i32);
+    // SAFETY: unfused_row_axpy_<dtype>(float* out, const T* x, const float* coef, float beta,
+    // int64_t rows, int cols); out and x hold rows×d, coef rows; grid-stride.
+    unsafe {
+        launch(
+            gpu,
+            K,
+            MODULE,
+            &format!("{K}_{}", T::DTYPE.name()),
+            elementwise_cfg(gpu, rows * d),
+            a,
+        )
+    }
 }
 
+/// `out_i = x_i · y_i` (f32 accumulation) over rows of length d.
 fn pos_dot<T: DeviceElement>(
     gpu: &Gpu,
-    x: u64,
-    y: u64,
-    out: u64,
+    x: &CudaSlice<T>,
+    y: &CudaSlice<T>,
+    out: &mut CudaSlice<f32>,
     rows: usize,
     d: usize,
 ) -> Result<()> {
     const K: &str = "unfused_pos_dot";
-    let f = gpu.function(MODULE, &format!("unfused_pos_dot_{}", T::DTYPE.name()))?;
-    let cfg = launch::checked(
-        gpu,
-        K,
-        LaunchConfig {
-            grid_dim: (launch::grid_dim(K, rows, 8)?, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        },
-    )?;
-    let (r, c) = (rows as i64, d as i32);
-    let mut b = gpu.stream().launch_builder(&f);
-    b.arg(&x).arg(&y).arg(&out).arg(&r).arg(&c);
-    // SAFETY: (const T*, const T*, float*, i64, int); x and y hold rows×d, out rows.
-    unsafe { b.launch(cfg) }?;
-    gpu.check_launch(K)
+    let cfg = LaunchConfig {
+        grid_dim: (launch::grid_dim(K, rows, 8)?, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut a = Args::new(gpu);
+    a.read(x).read(y).write(out).i64(rows as i64).i32(d as i32);
+    // SAFETY: unfused_pos_dot_<dtype>(const T* x, const T* y, float* out, int64_t rows,
+    // int cols); x and y hold rows×d, out rows; one warp per row.
+    unsafe { launch(gpu, K, MODULE, &format!("{K}_{}", T::DTYPE.name()), cfg, a) }
 }
 
-pub(crate) fn sum_scaled(gpu: &Gpu, x: u64, n: usize, c: f32, out: u64) -> Result<()> {
+/// `out[0] = c · Σ x[..n]` in a fixed order.
+pub(crate) fn sum_scaled(
+    gpu: &Gpu,
+    x: &CudaSlice<f32>,
+    n: usize,
+    c: f32,
+    out: &mut CudaSlice<f32>,
+) -> Result<()> {
     const K: &str = "unfused_sum_scaled";
-    let f = gpu.function(MODULE, K)?;
     let cfg = LaunchConfig {
         grid_dim: (1, 1, 1),
         block_dim: (CE_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
-    let n = n as i64;
-    let mut b = gpu.stream().launch_builder(&f);
-    b.arg(&x).arg(&n).arg(&c).arg(&out);
-    // SAFETY: (const float*, i64, float, float*); x holds n floats, out one.
-    unsafe { b.launch(cfg) }?;
-    gpu.check_launch(K)
+    let mut a = Args::new(gpu);
+    a.read(x).i64(n as i64).f32(c).write(out);
+    // SAFETY: unfused_sum_scaled(const float* x, int64_t n, float c, float* out); x holds n
+    // floats, out one; one block of CE_THREADS (its shared array).
+    unsafe { launch(gpu, K, MODULE, K, cfg, a) }
 }
 
-/// The loss `spec` asks for from `count` per-anchor losses at the device address `per_anchor`:
-/// `None` keeps them (the caller's buffer), `Mean`/`Sum` sum them scaled by the reduction's
-/// weight (`Upstream::One`: 1/count for mean, ½ for symmetric) into one f32.
+/// The loss `spec` asks for from `count` per-anchor losses: `None` keeps them (the caller's
+/// buffer), `Mean`/`Sum` sum them scaled by the reduction's weight (`Upstream::One`: 1/count for
+/// mean, ½ for symmetric) into one f32.
 pub(crate) fn reduce_losses(
     gpu: &Gpu,
     spec: &LossSpec,
@@ -501,14 +555,8 @@ pub(crate) fn reduce_losses(
         .first()
         .copied()
         .unwrap_or(0.0);
-    let out = gpu.stream().alloc_zeros::<f32>(1)?;
-    sum_scaled(
-        gpu,
-        addr(&per_anchor, gpu),
-        count,
-        c as f32,
-        addr(&out, gpu),
-    )?;
+    let mut out = gpu.stream().alloc_zeros::<f32>(1)?;
+    sum_scaled(gpu, &per_anchor, count, c as f32, &mut out)?;
     Ok(out)
 }
 
@@ -525,14 +573,20 @@ pub(crate) fn cast_grad<T: DeviceElement>(
     let n = g.rows() * g.cols();
     let mut out = DeviceMatrix::<T>::zeros(gpu, g.rows(), g.cols())?;
     if n > 0 {
-        let f = gpu.function(MODULE, &format!("unfused_cast_{}", T::DTYPE.name()))?;
-        let cfg = elementwise_cfg(gpu, K, n)?;
-        let nn = n as i64;
-        let mut b = gpu.stream().launch_builder(&f);
-        b.arg(g.slice()).arg(out.slice_mut()).arg(&nn);
-        // SAFETY: (const float*, T*, i64); both hold n elements.
-        unsafe { b.launch(cfg) }?;
-        gpu.check_launch(K)?;
+        let mut a = Args::new(gpu);
+        a.read(g.slice()).write(out.slice_mut()).i64(n as i64);
+        // SAFETY: unfused_cast_<dtype>(const float* x, T* y, int64_t n); both hold n elements;
+        // grid-stride.
+        unsafe {
+            launch(
+                gpu,
+                K,
+                MODULE,
+                &format!("{K}_{}", T::DTYPE.name()),
+                elementwise_cfg(gpu, n),
+                a,
+            )
+        }?;
     }
     Ok(DeviceGrad::Input(out))
 }
@@ -598,20 +652,18 @@ impl Unfused {
     ) -> Result<DeviceOutput<T>> {
         let (alpha, learnable) = supported(spec, opts)?;
         let dtype = cuda_type(T::DTYPE)?;
-        let compute = if T::DTYPE == DType::F32 && !opts.tf32 {
-            cublasComputeType_t::CUBLAS_COMPUTE_32F
-        } else if T::DTYPE == DType::F32 {
+        let compute = if T::DTYPE == DType::F32 && opts.tf32 {
             cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
         } else {
             cublasComputeType_t::CUBLAS_COMPUTE_32F
         };
         let ctx = Ctx {
+            gpu,
             handle: *self.blas.handle(),
             dtype,
             compute,
         };
         let grads_on = !opts.forward_only;
-        let es = std::mem::size_of::<T>() as u64;
         let lowp = grads_on && T::DTYPE != DType::F32;
 
         // Shapes (the crate's one check) and the key rows.
@@ -644,70 +696,41 @@ impl Unfused {
             .map(|x| x as f32)
             .collect();
         let weights = gpu.stream().clone_htod(&w)?;
-        let loss_each = f32_slice(gpu, losses)?;
-        let lse = f32_slice(gpu, anchors)?;
-        let lse_cols = if mode == Mode::Symmetric {
+        let mut loss_each = f32_slice(gpu, losses)?;
+        let mut lse = f32_slice(gpu, anchors)?;
+        let mut lse_cols = if mode == Mode::Symmetric {
             Some(f32_slice(gpu, anchors)?)
         } else {
             None
         };
-        let dtau = if learnable && grads_on {
+        let mut dtau = if learnable && grads_on {
             Some(f32_slice(gpu, 1)?)
         } else {
             None
         };
-        let dtau_ptr = dtau.as_ref().map_or(0, |s| addr(s, gpu));
-        let tau = 1.0 / alpha;
         let mut grads: Vec<(&'static str, DeviceGrad<T>)> = Vec::new();
 
         let ld = keys_rows;
         let cells = anchors * ld;
-        let s_mat = scratch::<f32>(gpu, cells)?;
-        let s_ptr = addr(&s_mat, gpu);
-        let g_lowp = if lowp {
+        let mut s_mat = scratch::<f32>(gpu, cells)?;
+        let mut g_lowp = if lowp {
             Some(scratch::<T>(gpu, cells)?)
         } else {
             None
         };
-        let g_lowp_ptr = g_lowp.as_ref().map_or(0, |s| addr(s, gpu));
-        // The gradient operand of the backward GEMMs: the low-precision copy, or S itself.
-        let (g_ptr, g_type, g_es) = if lowp {
-            (g_lowp_ptr, dtype, es)
-        } else {
-            (s_ptr, cudaDataType::CUDA_R_32F, 4)
-        };
-        let w_ptr = addr(&weights, gpu);
-        let loss_ptr = addr(&loss_each, gpu);
-        let ce = |s: u64,
-                  gl: u64,
-                  pos_s: u64,
-                  targets: u64,
-                  pos_kind: i32,
-                  off: usize,
-                  lse_p: u64,
-                  dpos: u64| {
-            ce_rows::<T>(
-                gpu,
-                &CeLaunch {
-                    s,
-                    g_lowp: gl,
-                    rows: anchors,
-                    cols: ld,
-                    pos_s,
-                    targets,
-                    pos_kind,
-                    alpha: alpha as f32,
-                    weights: w_ptr + 4 * off as u64,
-                    loss: loss_ptr + 4 * off as u64,
-                    lse: lse_p,
-                    dpos,
-                    dtau: dtau_ptr,
-                    inv_tau: (1.0 / tau) as f32,
-                    write_grad: grads_on,
-                },
-            )
+        let ce = |positive, offset| {
+            CeLaunch::<T>::new(anchors, ld, positive, alpha as f32, offset, grads_on)
         };
         let new_grad = |rows: usize| DeviceMatrix::<f32>::zeros(gpu, rows, d);
+        // The gradient operand of the backward GEMMs: the low-precision copy, or S itself.
+        macro_rules! g_op {
+            ($lowp:expr, $s:expr) => {
+                match $lowp.as_ref() {
+                    Some(l) => GradOperand::Low(l),
+                    None => GradOperand::F32($s),
+                }
+            };
+        }
 
         match *inputs {
             DeviceInputs::Queue {
@@ -715,81 +738,68 @@ impl Unfused {
                 positive,
                 queue,
             } => {
-                let segs = queue_segments(&queue, gpu)?;
-                let (q, p) = (addr(query.slice(), gpu), addr(positive.slice(), gpu));
-                let pos_s = f32_slice(gpu, anchors)?;
-                let dpos = f32_slice(gpu, anchors)?;
-                pos_dot::<T>(gpu, q, p, addr(&pos_s, gpu), anchors, d)?;
-                ctx.logits(q, anchors, &segs, d, s_ptr, ld)?;
-                ce(
-                    s_ptr,
-                    g_lowp_ptr,
-                    addr(&pos_s, gpu),
-                    0,
-                    POS_EXTRA,
-                    0,
-                    addr(&lse, gpu),
-                    addr(&dpos, gpu),
+                let segs = queue_segments(&queue)?;
+                let (q, p) = (query.slice(), positive.slice());
+                let mut pos_s = f32_slice(gpu, anchors)?;
+                let mut dpos = f32_slice(gpu, anchors)?;
+                pos_dot::<T>(gpu, q, p, &mut pos_s, anchors, d)?;
+                ctx.logits(q, anchors, queue.keys.slice(), &segs, d, &mut s_mat, ld)?;
+                ce_rows(
+                    gpu,
+                    &ce(Positive::Extra(&pos_s), 0),
+                    &mut s_mat,
+                    g_lowp.as_mut(),
+                    &weights,
+                    &mut loss_each,
+                    &mut lse,
+                    Some(&mut dpos),
+                    dtau.as_mut(),
                 )?;
                 if grads_on {
-                    let dq = new_grad(anchors)?;
-                    let dp = new_grad(anchors)?;
-                    let (dq_p, dp_p, dpos_p) = (
-                        addr(dq.slice(), gpu),
-                        addr(dp.slice(), gpu),
-                        addr(&dpos, gpu),
-                    );
-                    ctx.grad_anchor(g_ptr, g_type, g_es, anchors, ld, &segs, d, dq_p, 0.0)?;
+                    let mut dq = new_grad(anchors)?;
+                    let mut dp = new_grad(anchors)?;
+                    let g = g_op!(g_lowp, &s_mat);
+                    let keys = queue.keys.slice();
+                    ctx.grad_anchor(g, anchors, ld, keys, &segs, d, dq.slice_mut(), 0.0)?;
                     // dq_i += dpos_i p_i (beta 1 keeps the GEMM's result; zeros when K = 0).
-                    row_axpy::<T>(gpu, dq_p, p, dpos_p, 1.0, anchors, d)?;
-                    row_axpy::<T>(gpu, dp_p, q, dpos_p, 0.0, anchors, d)?;
+                    row_axpy::<T>(gpu, dq.slice_mut(), p, &dpos, 1.0, anchors, d)?;
+                    row_axpy::<T>(gpu, dp.slice_mut(), q, &dpos, 0.0, anchors, d)?;
                     grads.push(("query", cast_grad(gpu, dq, opts.grad_dtype)?));
                     grads.push(("positive", cast_grad(gpu, dp, opts.grad_dtype)?));
                     if spec.grad_queue() {
-                        let dm = new_grad(queue.len)?;
+                        let mut dm = new_grad(queue.len)?;
                         let cols: Vec<(usize, usize)> =
                             segs.iter().map(|s| (s.col, s.rows)).collect();
-                        ctx.grad_key(
-                            g_ptr,
-                            g_type,
-                            g_es,
-                            anchors,
-                            ld,
-                            &cols,
-                            q,
-                            d,
-                            addr(dm.slice(), gpu),
-                            0.0,
-                        )?;
+                        ctx.grad_key(g, anchors, ld, &cols, q, d, dm.slice_mut(), 0.0)?;
                         grads.push(("queue", cast_grad(gpu, dm, opts.grad_dtype)?));
                     }
                 }
             }
             DeviceInputs::InBatch { embeddings } => {
-                let e = addr(embeddings.slice(), gpu);
+                let e = embeddings.slice();
                 let segs = [Segment {
-                    ptr: e,
+                    start: 0,
                     rows: anchors,
                     col: 0,
                 }];
-                ctx.logits(e, anchors, &segs, d, s_ptr, ld)?;
-                ce(s_ptr, g_lowp_ptr, 0, 0, POS_INBATCH, 0, addr(&lse, gpu), 0)?;
+                ctx.logits(e, anchors, e, &segs, d, &mut s_mat, ld)?;
+                ce_rows(
+                    gpu,
+                    &ce(Positive::InBatch, 0),
+                    &mut s_mat,
+                    g_lowp.as_mut(),
+                    &weights,
+                    &mut loss_each,
+                    &mut lse,
+                    None,
+                    dtau.as_mut(),
+                )?;
                 if grads_on {
-                    let de = new_grad(anchors)?;
-                    let de_p = addr(de.slice(), gpu);
-                    ctx.grad_anchor(g_ptr, g_type, g_es, anchors, ld, &segs, d, de_p, 0.0)?;
-                    ctx.grad_key(
-                        g_ptr,
-                        g_type,
-                        g_es,
-                        anchors,
-                        ld,
-                        &[(0, anchors)],
-                        e,
-                        d,
-                        de_p,
-                        1.0,
-                    )?;
+                    let mut de = new_grad(anchors)?;
+                    let g = g_op!(g_lowp, &s_mat);
+                    ctx.grad_anchor(g, anchors, ld, e, &segs, d, de.slice_mut(), 0.0)?;
+                    let all = [(0, anchors)];
+                    ctx.grad_key(g, anchors, ld, &all, e, d, de.slice_mut(), 1.0)?;
                     grads.push(("embeddings", cast_grad(gpu, de, opts.grad_dtype)?));
                 }
             }
@@ -798,85 +808,88 @@ impl Unfused {
                 key,
                 targets,
             } => {
-                let (a, b) = (addr(query.slice(), gpu), addr(key.slice(), gpu));
+                let (a, b) = (query.slice(), key.slice());
                 let segs = [Segment {
-                    ptr: b,
+                    start: 0,
                     rows: keys_rows,
                     col: 0,
                 }];
-                ctx.logits(a, anchors, &segs, d, s_ptr, ld)?;
-                let (t_ptr, kind) = match targets {
-                    Some(t) => (addr(t, gpu), POS_TARGETS),
-                    None => (0, POS_IDENTITY),
+                ctx.logits(a, anchors, b, &segs, d, &mut s_mat, ld)?;
+                let positive = match targets {
+                    Some(t) => Positive::Targets(t),
+                    None => Positive::Identity,
                 };
-                ce(s_ptr, g_lowp_ptr, 0, t_ptr, kind, 0, addr(&lse, gpu), 0)?;
+                ce_rows(
+                    gpu,
+                    &ce(positive, 0),
+                    &mut s_mat,
+                    g_lowp.as_mut(),
+                    &weights,
+                    &mut loss_each,
+                    &mut lse,
+                    None,
+                    dtau.as_mut(),
+                )?;
                 if grads_on {
-                    let da = new_grad(anchors)?;
-                    let db = new_grad(keys_rows)?;
-                    ctx.grad_anchor(
-                        g_ptr,
-                        g_type,
-                        g_es,
-                        anchors,
-                        ld,
-                        &segs,
-                        d,
-                        addr(da.slice(), gpu),
-                        0.0,
-                    )?;
-                    ctx.grad_key(
-                        g_ptr,
-                        g_type,
-                        g_es,
-                        anchors,
-                        ld,
-                        &[(0, keys_rows)],
-                        a,
-                        d,
-                        addr(db.slice(), gpu),
-                        0.0,
-                    )?;
+                    let mut da = new_grad(anchors)?;
+                    let mut db = new_grad(keys_rows)?;
+                    let g = g_op!(g_lowp, &s_mat);
+                    ctx.grad_anchor(g, anchors, ld, b, &segs, d, da.slice_mut(), 0.0)?;
+                    let all = [(0, keys_rows)];
+                    ctx.grad_key(g, anchors, ld, &all, a, d, db.slice_mut(), 0.0)?;
                     grads.push(("query", cast_grad(gpu, da, opts.grad_dtype)?));
                     grads.push(("key", cast_grad(gpu, db, opts.grad_dtype)?));
                 }
             }
             DeviceInputs::Symmetric { query, key } => {
-                let (a, b) = (addr(query.slice(), gpu), addr(key.slice(), gpu));
+                let (a, b) = (query.slice(), key.slice());
                 // The column logits as users get them: a second matrix Sᵀ = B·Aᵀ.
-                let st_mat = scratch::<f32>(gpu, cells)?;
-                let st_ptr = addr(&st_mat, gpu);
-                let gt_lowp = if lowp {
+                let mut st_mat = scratch::<f32>(gpu, cells)?;
+                let mut gt_lowp = if lowp {
                     Some(scratch::<T>(gpu, cells)?)
                 } else {
                     None
                 };
-                let gt_lowp_ptr = gt_lowp.as_ref().map_or(0, |s| addr(s, gpu));
-                let gt_ptr = if lowp { gt_lowp_ptr } else { st_ptr };
-                let seg_b = [Segment {
-                    ptr: b,
+                let all_rows = [Segment {
+                    start: 0,
                     rows: anchors,
                     col: 0,
                 }];
-                let seg_a = [Segment {
-                    ptr: a,
-                    rows: anchors,
-                    col: 0,
-                }];
-                ctx.logits(a, anchors, &seg_b, d, s_ptr, ld)?;
-                ctx.logits(b, anchors, &seg_a, d, st_ptr, ld)?;
-                ce(s_ptr, g_lowp_ptr, 0, 0, POS_IDENTITY, 0, addr(&lse, gpu), 0)?;
-                let lse_c = lse_cols.as_ref().map_or(0, |s| addr(s, gpu));
-                ce(st_ptr, gt_lowp_ptr, 0, 0, POS_IDENTITY, anchors, lse_c, 0)?;
+                ctx.logits(a, anchors, b, &all_rows, d, &mut s_mat, ld)?;
+                ctx.logits(b, anchors, a, &all_rows, d, &mut st_mat, ld)?;
+                ce_rows(
+                    gpu,
+                    &ce(Positive::Identity, 0),
+                    &mut s_mat,
+                    g_lowp.as_mut(),
+                    &weights,
+                    &mut loss_each,
+                    &mut lse,
+                    None,
+                    dtau.as_mut(),
+                )?;
+                let lse_c = lse_cols.as_mut().expect("symmetric mode has column LSEs");
+                ce_rows(
+                    gpu,
+                    &ce(Positive::Identity, anchors),
+                    &mut st_mat,
+                    gt_lowp.as_mut(),
+                    &weights,
+                    &mut loss_each,
+                    lse_c,
+                    None,
+                    dtau.as_mut(),
+                )?;
                 if grads_on {
-                    let da = new_grad(anchors)?;
-                    let db = new_grad(anchors)?;
-                    let (da_p, db_p) = (addr(da.slice(), gpu), addr(db.slice(), gpu));
+                    let mut da = new_grad(anchors)?;
+                    let mut db = new_grad(anchors)?;
+                    let (g, gt) = (g_op!(g_lowp, &s_mat), g_op!(gt_lowp, &st_mat));
                     let all = [(0, anchors)];
                     // da = G_row·B + G_colᵀ·B,  db = G_col·A + G_rowᵀ·A.
-                    ctx.grad_anchor(g_ptr, g_type, g_es, anchors, ld, &seg_b, d, da_p, 0.0)?;
-                    ctx.grad_key(gt_ptr, g_type, g_es, anchors, ld, &all, b, d, da_p, 1.0)?;
-                    ctx.grad_anchor(gt_ptr, g_type, g_es, anchors, ld, &seg_a, d, db_p, 0.0)?;
-                    ctx.grad_key(g_ptr, g_type, g_es, anchors, ld, &all, a, d, db_p, 1.0)?;
+                    ctx.grad_anchor(g, anchors, ld, b, &all_rows, d, da.slice_mut(), 0.0)?;
+                    ctx.grad_key(gt, anchors, ld, &all, b, d, da.slice_mut(), 1.0)?;
+                    ctx.grad_anchor(gt, anchors, ld, a, &all_rows, d, db.slice_mut(), 0.0)?;
+                    ctx.grad_key(g, anchors, ld, &all, a, d, db.slice_mut(), 1.0)?;
                     grads.push(("query", cast_grad(gpu, da, opts.grad_dtype)?));
                     grads.push(("key", cast_grad(gpu, db, opts.grad_dtype)?));
                 }

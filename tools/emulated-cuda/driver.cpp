@@ -470,13 +470,15 @@ CUresult do_free(Ctx* ctx, Stream* s, uint64_t epoch, CUdeviceptr p, const char*
         return fail(CUDA_ERROR_INVALID_VALUE, std::string(what) + ": " + describe_address(p) +
                                                   " is not the start of a live allocation");
     Alloc* a = it->second;
-    std::string race = order_access(a, s, epoch, true, what);
-    if (!race.empty()) return fail_sticky(ctx, CUDA_ERROR_ILLEGAL_STATE, race);
+    if (s) {
+        std::string race = order_access(a, s, epoch, true, what);
+        if (!race.empty()) return fail_sticky(ctx, CUDA_ERROR_ILLEGAL_STATE, race);
+    }
     g_live.erase(it);
     g_used -= a->bytes;
     if (a->pooled) g_pool_used -= a->bytes;
     a->freed = true;
-    a->freed_by = std::string(what) + " on " + stream_name(s);
+    a->freed_by = std::string(what) + (s ? " on " + stream_name(s) : std::string());
     mprotect(a->map, a->map_len, PROT_NONE);
     madvise(a->map, a->map_len, MADV_DONTNEED);
     g_freed[(uintptr_t)a->map] = a;
@@ -825,11 +827,10 @@ EXPORT CUresult cuDevicePrimaryCtxRelease(CUdevice d) {
     if (--g_primary.refs == 0) {
         // The last release destroys the primary context, as the driver does: its allocations are
         // freed and a later retain starts a fresh one (without the sticky error).
-        Stream* s = stream_of(&g_primary, nullptr);
-        for (Stream* t : g_primary.streams) s->clock.join(t->clock);
+        // Destruction waits for all of the context's work: no order to check.
         std::vector<uintptr_t> live;
         for (auto& [p, a] : g_live) live.push_back(p);
-        for (uintptr_t p : live) do_free(&g_primary, s, tick(s), (CUdeviceptr)p, "the primary context's destruction");
+        for (uintptr_t p : live) do_free(&g_primary, nullptr, 0, (CUdeviceptr)p, "the primary context's destruction");
         for (Module* m : g_modules)
             if (!m->unloaded) {
                 m->unloaded = true;

@@ -28,7 +28,7 @@ typedef DT TT;
 #define CAT3(a, b, c) CAT3_(a, b, c)
 #define CAT4_(a, b, c, d) a##b##c##d
 #define CAT4(a, b, c, d) CAT4_(a, b, c, d)
-#define PAIR_SIG const TT*, int64_t, const TT*, int64_t, int64_t, float, int, int, const int64_t*, int64_t, float*, float*, const float*, const float*, const float*, const float*, float, float*, float*, int, float
+#define PAIR_SIG const TT*, int64_t, const TT*, int64_t, int64_t, float, int, int, const int64_t*, int64_t, float*, float*, const float*, const float*, const float*, const float*, float, float, float*, float*, int, float
 DECL_D(64)
 DECL_D(128)
 extern "C" void CAT3(infonce_mma_queue_combine_, DT, )(const TT*, const TT*, int64_t, int, int64_t, const float*, const float*, const float*, const float*, float, const float*, float*, float*, float*, float*, float*, int);
@@ -172,7 +172,7 @@ int main(int argc, char** argv) {
                 float *a = pm.data(), *b = pl.data();
                 const int64_t rows = s.rows, cols = s.cols, p64 = per;
                 poison_smem();
-                launch(cdiv(s.rows, 64), splits, 128, [=] { f(s.x, rows, s.y, cols, p64, scale_log2, s.mask_self, s.tgt_kind, s.tgt, s.half, a, b, nullptr, nullptr, nullptr, nullptr, 0.0f, nullptr, nullptr, 0, 0.0f); });
+                launch(cdiv(s.rows, 64), splits, 128, [=] { f(s.x, rows, s.y, cols, p64, scale_log2, s.mask_self, s.tgt_kind, s.tgt, s.half, a, b, nullptr, nullptr, nullptr, nullptr, 0.0f, 1.0f, nullptr, nullptr, 0, 0.0f); });
                 worst |= leaks("pair_lse");
             }
             const float *a = pm.data(), *b = pl.data(); float* lo = lse_out.data();
@@ -191,7 +191,7 @@ int main(int argc, char** argv) {
                 float* o = dx.data();
                 const int64_t rows = s.rows, cols = s.cols, p64 = per;
                 poison_smem();
-                launch(cdiv(s.rows, 64), splits, 128, [=] { f(s.x, rows, s.y, cols, p64, scale_log2, s.mask_self, s.tgt_kind, s.tgt, s.half, nullptr, nullptr, lr, wr, lc, wc, alpha, o, dt, terms, theta); });
+                launch(cdiv(s.rows, 64), splits, 128, [=] { f(s.x, rows, s.y, cols, p64, scale_log2, s.mask_self, s.tgt_kind, s.tgt, s.half, nullptr, nullptr, lr, wr, lc, wc, alpha, 1.0f, o, dt, terms, theta); });
                 worst |= leaks("pair_grad");
             }
             // What skipping can change: a skipped tile holds no positive and every weight below θ,
