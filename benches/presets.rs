@@ -4,7 +4,7 @@
 //! events (`iter_custom`), and the CPU reference on a small shape, which always runs.
 //!
 //! Without a GPU the GPU benchmarks print `skipped: no CUDA device` and only the CPU reference
-//! runs. `cargo test --all-targets` runs each benchmark once (criterion's test mode); the `-xl`
+//! runs; on the emulated CUDA device they are not timed. `cargo test --all-targets` runs each benchmark once (criterion's test mode); the `-xl`
 //! presets run only under `cargo bench` (they take seconds to set up).
 
 use std::time::{Duration, Instant};
@@ -52,6 +52,11 @@ fn gpu_presets(c: &mut Criterion) {
     let Some(gpu) = gpu_or_skip("benches/presets (GPU presets)") else {
         return;
     };
+    if gpu.properties().emulated {
+        // Host builds of the kernels: their times mean nothing (`infonce bench` checks them).
+        eprintln!("benches/presets: GPU presets not timed on the emulated CUDA device");
+        return;
+    }
     let unfused = Unfused::new(&gpu);
     let mut group = c.benchmark_group("preset");
     group.sample_size(20);

@@ -1,6 +1,8 @@
 //! `infonce bench` as a program (spec/cli.md): it runs with or without a GPU, prints a table,
 //! writes the JSON rows with the documented keys, and rejects bad arguments with a clear error.
 
+mod support;
+
 use std::process::Command;
 
 fn infonce() -> Command {
@@ -68,17 +70,26 @@ fn bench_rejects_unknown_preset_and_zero_repeat() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("positive integer"));
 }
 
+/// The PyTorch timings merge into the rows of the device run (the parser's own cases are unit
+/// tests of `cuda::bench::parse_torch_timings`); on the emulated device the run checks every
+/// implementation on the small shape and times nothing.
 #[test]
 fn bench_merges_torch_timings() {
+    let gpu = support::gpu("bench_merges_torch_timings");
     let dir = tempfile::tempdir().unwrap();
     let torch = dir.path().join("torch.json");
     std::fs::write(
         &torch,
-        r#"[{"preset":"moco","torch_ms":1.5,"torch_compile_ms":1.2}]"#,
+        r#"[{"preset":"moco","torch_ms":1.5,"torch_compile_ms":1.2},
+            {"preset":"clip","torch_ms":null,"torch_compile_ms":null,"torch_note":"no GPU"}]"#,
     )
     .unwrap();
     let json = dir.path().join("bench.json");
-    let out = infonce()
+    let mut cmd = infonce();
+    if let Some(d) = support::emulated_device() {
+        cmd.env(fused_infonce::cuda::emulated::ENV_DIR, d);
+    }
+    let out = cmd
         .args(["bench", "--preset", "moco", "--repeat", "2", "--torch"])
         .arg(&torch)
         .arg("--json")
@@ -92,7 +103,40 @@ fn bench_merges_torch_timings() {
     );
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    if !v["device"].is_null() {
-        assert_eq!(v["rows"][0]["torch_ms"].as_f64(), Some(1.5));
+    let Some(gpu) = gpu else {
+        // No driver at all: the CPU reference rows, without PyTorch's GPU timings.
+        assert!(v["device"].is_null());
+        return;
+    };
+    let row = &v["rows"][0];
+    assert_eq!(row["preset"].as_str(), Some("moco"));
+    assert_eq!(row["torch_ms"].as_f64(), Some(1.5));
+    assert_eq!(row["torch_compile_ms"].as_f64(), Some(1.2));
+    assert_eq!(
+        row["check"].as_str(),
+        Some("fused, tc, unfused ok"),
+        "{row}"
+    );
+    if gpu.properties().emulated {
+        assert!(
+            row["fused_ms"].is_null() && row["unfused_ms"].is_null(),
+            "{row}"
+        );
+        assert!(
+            row["fused_note"]
+                .as_str()
+                .unwrap_or("")
+                .contains("not timed"),
+            "{row}"
+        );
     }
+    // A malformed file is an error naming the row, not a silent partial merge.
+    std::fs::write(&torch, r#"[{"preset":"moco","torch_ms":"fast"}]"#).unwrap();
+    let out = infonce()
+        .args(["bench", "--preset", "moco", "--torch"])
+        .arg(&torch)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("row 0"));
 }

@@ -11,8 +11,8 @@
 //! θ = 0.99 (tiles really skipped), where each gradient row must stay within the documented bound.
 //! `FUSED_INFONCE_EMU_FULL=1` runs every configuration on every case.
 //!
-//! Needs bash and g++ with `_Float16` (GCC 12 or newer on x86-64); without them the test prints
-//! `skipped: …` and returns. The inputs are rounded to the dtype before the reference sees them, so
+//! Needs bash and g++ with `_Float16` (GCC 12 or newer on x86-64); without them the test fails,
+//! or with `FUSED_INFONCE_ALLOW_SKIP=1` prints `skipped: …` and returns. The inputs are rounded to the dtype before the reference sees them, so
 //! the tolerance (1e-2 relative L2, as for f16/bf16 on a GPU) measures the kernels alone.
 
 use fused_infonce::{
@@ -259,12 +259,13 @@ fn write_cases(dir: &Path, dt: &str) -> Vec<PathBuf> {
     files
 }
 
-/// Prints why the test skips; with `FUSED_INFONCE_REQUIRE_EMU=1` (scripts/test sets it) a skip is
-/// a failure, so CI cannot pass without having run the kernels.
+/// A test that cannot run fails, unless `FUSED_INFONCE_ALLOW_SKIP=1` says this machine may skip it
+/// (a test that passes without running checks nothing).
 fn skip(why: &str) {
     assert!(
-        std::env::var_os("FUSED_INFONCE_REQUIRE_EMU").is_none(),
-        "FUSED_INFONCE_REQUIRE_EMU is set but the emulator cannot run: {why}"
+        std::env::var("FUSED_INFONCE_ALLOW_SKIP").is_ok_and(|v| v == "1"),
+        "the host emulator cannot run here: {why} (set FUSED_INFONCE_ALLOW_SKIP=1 to skip on this \
+         machine)"
     );
     println!("skipped: {why}");
 }

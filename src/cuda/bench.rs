@@ -15,6 +15,61 @@ use crate::error::{Error, Result};
 use crate::spec::{LossSpec, Mode};
 use half::bf16;
 
+/// PyTorch's timings of one preset, as `bench/torch_reference.py` prints them (a JSON array of
+/// these); `null` timings with a note where a preset did not run.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TorchTiming {
+    /// The preset's name.
+    pub preset: String,
+    /// PyTorch eager, milliseconds.
+    #[serde(default)]
+    pub torch_ms: Option<f64>,
+    /// `torch.compile`, milliseconds.
+    #[serde(default)]
+    pub torch_compile_ms: Option<f64>,
+    /// Why a timing is missing.
+    #[serde(default)]
+    pub torch_note: Option<String>,
+}
+
+/// Parses `bench/torch_reference.py`'s output (named `source` in messages). A row that is not
+/// an object with a string `preset` and numbers or nulls for the timings, a negative or
+/// non-finite timing, or a preset given twice is an error naming the row: a malformed file is
+/// reported, not silently merged in part.
+pub fn parse_torch_timings(text: &str, source: &str) -> Result<Vec<TorchTiming>> {
+    let v: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| Error::Input(format!("{source}: not JSON ({e})")))?;
+    let rows = v
+        .as_array()
+        .ok_or_else(|| Error::Input(format!("{source}: expected a JSON array of rows")))?;
+    let mut out: Vec<TorchTiming> = Vec::with_capacity(rows.len());
+    for (i, row) in rows.iter().enumerate() {
+        let t: TorchTiming = serde_json::from_value(row.clone())
+            .map_err(|e| Error::Input(format!("{source}: row {i} ({row}): {e}")))?;
+        for (name, ms) in [
+            ("torch_ms", t.torch_ms),
+            ("torch_compile_ms", t.torch_compile_ms),
+        ] {
+            if let Some(x) = ms {
+                if !(x.is_finite() && x >= 0.0) {
+                    return Err(Error::Input(format!(
+                        "{source}: row {i} (preset {}): {name} = {x} is not a time",
+                        t.preset
+                    )));
+                }
+            }
+        }
+        if out.iter().any(|o| o.preset == t.preset) {
+            return Err(Error::Input(format!(
+                "{source}: row {i}: preset {} appears twice",
+                t.preset
+            )));
+        }
+        out.push(t);
+    }
+    Ok(out)
+}
+
 /// Repetitions below which a median is not reported as a benchmark figure.
 pub const MIN_REPEAT: usize = 20;
 
@@ -433,6 +488,35 @@ pub fn preset_fits(gpu: &Gpu, p: &Preset) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn torch_timings_parse_and_refuse_malformed_rows() {
+        let ok = parse_torch_timings(
+            r#"[{"preset":"moco","torch_ms":1.5,"torch_compile_ms":1.2},
+                {"preset":"clip-xl","torch_ms":null,"torch_compile_ms":null,"torch_note":"OOM"},
+                {"preset":"simclr","torch_ms":2}]"#,
+            "t.json",
+        )
+        .unwrap();
+        assert_eq!(ok.len(), 3);
+        assert_eq!(ok[0].torch_ms, Some(1.5));
+        assert_eq!(ok[0].torch_compile_ms, Some(1.2));
+        assert_eq!(ok[1].torch_ms, None);
+        assert_eq!(ok[1].torch_note.as_deref(), Some("OOM"));
+        assert_eq!(ok[2].torch_ms, Some(2.0));
+        for (bad, says) in [
+            ("not json", "not JSON"),
+            (r#"{"preset":"moco"}"#, "array"),
+            (r#"[{"torch_ms":1.0}]"#, "row 0"),
+            (r#"[{"preset":"moco","torch_ms":"fast"}]"#, "row 0"),
+            (r#"[3]"#, "row 0"),
+            (r#"[{"preset":"moco","torch_ms":-1}]"#, "not a time"),
+            (r#"[{"preset":"a"},{"preset":"a"}]"#, "twice"),
+        ] {
+            let e = parse_torch_timings(bad, "t.json").unwrap_err().to_string();
+            assert!(e.contains("t.json") && e.contains(says), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn median_and_spread() {

@@ -156,6 +156,12 @@ mod tests {
     #[test]
     fn embedded_modules_are_fatbins_with_the_target_archs() {
         if !kernels_built() {
+            // A build without nvcc checks nothing here: fail, unless the machine may skip.
+            assert!(
+                std::env::var("FUSED_INFONCE_ALLOW_SKIP").is_ok_and(|v| v == "1"),
+                "this build embeds no kernels (no nvcc at build time); install nvcc \
+                 (scripts/install-nvcc) or set FUSED_INFONCE_ALLOW_SKIP=1"
+            );
             eprintln!("skipped: this build embeds no kernels (no nvcc at build time)");
             return;
         }
