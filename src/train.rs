@@ -115,7 +115,7 @@ impl Backend {
     pub fn check_available(self) -> Result<()> {
         match self {
             Backend::Cpu => Ok(()),
-            Backend::Cuda => cuda::Gpu::new(0).map(|_| ()),
+            Backend::Cuda => cuda::default_gpu().map(|_| ()),
         }
     }
 }

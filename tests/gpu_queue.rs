@@ -156,3 +156,25 @@ fn wrapped_queue_matches_the_cpu_reference() {
         }
     }
 }
+
+/// `cuda::evaluate` runs on one process-wide device handle, opened once: a training loop calling
+/// it every step does not open and close a context each time.
+#[test]
+fn evaluate_reuses_the_default_device() {
+    let Some(_gpu) = support::gpu("evaluate_reuses_the_default_device") else {
+        return;
+    };
+    let first = fused_infonce::cuda::default_gpu().unwrap();
+    let (q, p, m) = ([0.6f32, 0.8], [0.8f32, 0.6], [1.0f32, 0.0, 0.0, 1.0]);
+    let inputs = fused_infonce::LossInputs::Queue {
+        query: support::mat("query", &q, 1, 2),
+        positive: support::mat("positive", &p, 1, 2),
+        queue: support::mat("queue", &m, 2, 2),
+    };
+    let spec = fused_infonce::LossSpec::queue().build().unwrap();
+    for _ in 0..3 {
+        fused_infonce::cuda::evaluate(&spec, &inputs, &fused_infonce::Upstream::One).unwrap();
+    }
+    let again = fused_infonce::cuda::default_gpu().unwrap();
+    assert!(std::sync::Arc::ptr_eq(&first, &again));
+}

@@ -94,6 +94,21 @@ fn properties(ctx: &Arc<CudaContext>) -> Result<DeviceProperties> {
     })
 }
 
+/// The process-wide handle on device 0 behind the host conveniences ([`super::evaluate`], the
+/// training sweep's CUDA backend): opened on first use and kept, since a context and its loaded
+/// modules cost milliseconds to open and a host call per training step should not pay that. A
+/// failure is returned and not kept, so a later call tries again.
+pub fn default_gpu() -> Result<Arc<Gpu>> {
+    static DEFAULT: Mutex<Option<Arc<Gpu>>> = Mutex::new(None);
+    let mut g = DEFAULT.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(gpu) = g.as_ref() {
+        return Ok(gpu.clone());
+    }
+    let gpu = Arc::new(Gpu::new(0)?);
+    *g = Some(gpu.clone());
+    Ok(gpu)
+}
+
 /// A CUDA device with the stream this crate's ops are queued on.
 ///
 /// Create one with [`Gpu::new`] (its own context's default stream) or wrap an engine's stream with

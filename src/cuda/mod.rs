@@ -19,7 +19,8 @@ pub mod select;
 pub mod unfused;
 
 pub use device::{
-    device_count, driver_present, driver_version, gpu_or_skip, list_devices, DeviceProperties, Gpu,
+    default_gpu, device_count, driver_present, driver_version, gpu_or_skip, list_devices,
+    DeviceProperties, Gpu,
 };
 pub use fused::{
     evaluate_device, evaluate_device_poisoned, DeviceGrad, DeviceInputs, DeviceOptions,
@@ -35,7 +36,8 @@ use crate::tensor::{DType, Element, MatRef, Matrix};
 
 /// Evaluates `spec` on `inputs` on the first CUDA device: the same [`LossOutput`] as
 /// [`crate::cpu::evaluate`], computed by the fused kernels (f32 accumulation; inputs f32, f16 or
-/// bf16 — f64 is [`Error::Unsupported`] here).
+/// bf16 — f64 is [`Error::Unsupported`] here). Runs on the process's [`default_gpu`] (opened on
+/// the first call and kept).
 ///
 /// The inputs are checked with [`LossInputs::validate`] before the device is opened, so shape
 /// errors are the CPU backend's, with or without a GPU.
@@ -45,7 +47,7 @@ pub fn evaluate<T: Element>(
     upstream: &Upstream,
 ) -> Result<LossOutput> {
     inputs.validate(spec)?;
-    let gpu = Gpu::new(0)?;
+    let gpu = default_gpu()?;
     evaluate_on(
         &gpu,
         spec,

@@ -467,14 +467,14 @@ fn gradient_picture(
 /// kernels of [`fused_infonce::cuda::metrics`] per call, results downloaded as f64. Edge cases map
 /// to the CPU metrics' errors (the kernels return NaN or 0 there).
 struct GpuMetrics {
-    gpu: cuda::Gpu,
+    gpu: std::sync::Arc<cuda::Gpu>,
     mode: &'static str,
     mats: Vec<cuda::DeviceMatrix<f32>>,
 }
 
 impl GpuMetrics {
     fn new(mode: &'static str, norm: &[Matrix]) -> Result<Self> {
-        let gpu = cuda::Gpu::new(0)?;
+        let gpu = cuda::default_gpu()?;
         let mats = norm
             .iter()
             .map(|m| {
