@@ -46,13 +46,28 @@ fn bench_runs_and_writes_json_rows() {
         assert!(rows[0].get(key).is_some(), "row lacks `{key}`: {}", rows[0]);
     }
     assert!(v.get("peaks").is_some(), "no peaks key");
-    if v["device"].is_null() {
+    let device = v["device"].as_str();
+    if device.is_none() {
         // No GPU: one line says so, and the CPU reference was timed.
         assert!(stdout.contains("no usable GPU"), "{stdout}");
         assert!(rows[0]["cpu_ms"].as_f64().unwrap() > 0.0);
         assert!(rows[0]["fused_ms"].is_null());
+    } else if device.is_some_and(|d| d.contains("emulated device")) {
+        // The emulated device: every implementation checked against the reference, none timed
+        // (host builds of the kernels: a time would mean nothing), no peaks.
+        assert_eq!(rows[0]["preset"], "moco");
+        assert_eq!(rows[0]["check"], "fused, tc, unfused ok", "{}", rows[0]);
+        for key in ["fused", "tc", "unfused"] {
+            assert!(rows[0][format!("{key}_ms")].is_null(), "{}", rows[0]);
+            assert_eq!(
+                rows[0][format!("{key}_note")],
+                "emulated device: checked, not timed"
+            );
+        }
+        assert!(v["peaks"].is_null(), "{}", v["peaks"]);
     } else {
         assert_eq!(rows[0]["preset"], "moco");
+        assert!(rows[0]["fused_ms"].as_f64().unwrap() > 0.0, "{}", rows[0]);
         assert!(v["peaks"]["bf16_gemm_tflops"].as_f64().unwrap() > 0.0);
     }
 }

@@ -31,6 +31,11 @@ pub fn gpu(what: &str) -> Option<Gpu> {
 pub fn emulated_device() -> Option<PathBuf> {
     static DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
     DIR.get_or_init(|| {
+        // A real driver wins: on a GPU machine nothing is built (the source tree may not be there).
+        let named = std::env::var_os(emulated::ENV_DIR).is_some_and(|d| !d.is_empty());
+        if !named && fused_infonce::cuda::driver_present() {
+            return None;
+        }
         let may_skip = std::env::var("FUSED_INFONCE_ALLOW_SKIP").is_ok_and(|v| v == "1");
         let dir = match std::env::var_os(emulated::ENV_DIR) {
             Some(d) if !d.is_empty() => Ok(PathBuf::from(d)),
