@@ -68,7 +68,7 @@ pub enum Error {
     Input(String),
 
     /// An error from the CUDA driver API.
-    #[error("CUDA driver error: {0}")]
+    #[error("CUDA driver error: {}", driver_message(.0))]
     Driver(#[from] cudarc::driver::DriverError),
 
     /// An error from cuBLAS.
@@ -118,4 +118,20 @@ impl Error {
             allowed: allowed.into(),
         }
     }
+}
+
+/// `CUDA_ERROR_X: the driver's description` (cudarc's own Display is its Debug form); out of
+/// memory says what to do about it.
+fn driver_message(e: &cudarc::driver::DriverError) -> String {
+    let text = e
+        .error_string()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "no description".into());
+    let hint = if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+        " (the inputs, gradients and scratch buffers do not fit in the device's free memory: use \
+         a smaller batch or queue)"
+    } else {
+        ""
+    };
+    format!("{:?}: {text}{hint}", e.0)
 }

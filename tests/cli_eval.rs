@@ -861,6 +861,47 @@ fn cuda_backend_agrees_with_the_cpu_backend_in_every_mode() {
     }
 }
 
+/// A problem larger than the device's memory: `--backend cuda` is one clear line naming the
+/// allocation that failed, and no output file. Only the emulated device's memory can be made small
+/// (`FUSED_INFONCE_EMU_MEMORY`); on a GPU the test says so and checks nothing.
+#[test]
+fn cuda_backend_out_of_device_memory_is_one_line() {
+    let Some(_gpu) = support::gpu("cuda_backend_out_of_device_memory_is_one_line") else {
+        return;
+    };
+    let Some(dir) = support::emulated_device() else {
+        eprintln!(
+            "cuda_backend_out_of_device_memory_is_one_line: a real GPU (memory not shrinkable)"
+        );
+        return;
+    };
+    // 64 × 2048 queue of D = 64 f32: half a MiB of queue, under the 256 KiB device.
+    let p = problem::<f32>(Mode::Queue, 64, 2048, 64, 94);
+    let s = Scratch::new(&p.file());
+    let o = Command::new(env!("CARGO_BIN_EXE_infonce"))
+        .env(fused_infonce::cuda::emulated::ENV_DIR, dir)
+        .env("FUSED_INFONCE_EMU_MEMORY", "256K")
+        .env("FUSED_INFONCE_EMU_QUIET", "1")
+        .args(["eval", "--input"])
+        .arg(&s.input)
+        .arg("--output")
+        .arg(&s.output)
+        .args(["--backend", "cuda", "--temperature", "0.2"])
+        .output()
+        .expect("run infonce");
+    assert!(
+        !o.status.success(),
+        "a 256 KiB device ran a 0.5 MiB problem"
+    );
+    let err = stderr(&o);
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(
+        err.starts_with("infonce: error: ") && err.contains("OUT_OF_MEMORY"),
+        "{err}"
+    );
+    assert!(s.out_dir_entries().is_empty(), "{:?}", s.out_dir_entries());
+}
+
 /// Without a usable driver, `--backend cuda` is one clear line and no output file.
 #[test]
 fn cuda_backend_without_a_driver_is_one_line() {

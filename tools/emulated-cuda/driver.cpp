@@ -61,6 +61,14 @@ constexpr int SMEM_PER_BLOCK = 48 * 1024;  // without the dynamic-shared-memory 
 constexpr int RESERVED_SMEM = 1024;        // per block, by the system (8.x, 9.0)
 constexpr int REGS_PER_BLOCK = 65536;
 constexpr size_t PAGE = 4096;
+constexpr size_t ALLOC_ALIGN = 256;
+// Each allocation sits between two guard regions this large (no memory, address space only): an
+// index far past the end (a grid-stride loop's stride, say) still lands in a guard, not in a
+// neighbouring allocation.
+constexpr size_t GUARD_BYTES = 1 << 20;
+// The canary's bytes by address mod 4: the word 0xFFA5FFA5, a NaN as f32, and each half a NaN as
+// f16 and bf16, so a kernel that reads the slack sees NaN.
+constexpr unsigned char CANARY[4] = {0xA5, 0xFF, 0xA5, 0xFF};
 
 struct Config {
     const Arch* arch = &ARCHS[3];
@@ -107,9 +115,14 @@ struct Event {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Memory: each allocation is its own mapping, the buffer placed so that its end touches a guard
-// page (PROT_NONE); a freed allocation stays mapped PROT_NONE for a while (quarantine), so a late
-// access faults and is named.
+// Memory: each allocation is its own mapping. Its start is 256-byte aligned, as cuMemAlloc's are
+// ("The allocated memory is suitably aligned for any kind of variable", and the CUDA C++
+// Programming Guide: addresses returned by the allocation routines are aligned to at least 256
+// bytes), and its 256-byte-rounded end touches a guard page (PROT_NONE). The slack between the
+// buffer's end and the guard page (under 256 bytes) holds a canary that reads as NaN in every
+// float type and is checked after each kernel that was given the buffer: a small overrun is
+// reported as a write past the end, a larger one faults on the guard page. A freed allocation
+// stays mapped PROT_NONE for a while (quarantine), so a late access faults and is named.
 
 struct Access {
     size_t sid;
@@ -121,6 +134,7 @@ struct Alloc {
     uint64_t id;
     unsigned char* ptr;
     size_t bytes;
+    size_t span;  // bytes rounded up to ALLOC_ALIGN: [ptr + bytes, ptr + span) holds the canary
     unsigned char* map;
     size_t map_len;
     bool pooled;
@@ -331,15 +345,27 @@ Alloc* find_freed(uint64_t p) {
     if (p >= (uint64_t)a->map && p < (uint64_t)a->map + a->map_len) return a;
     return nullptr;
 }
-Alloc* find_guard(uint64_t p) {
-    // The allocation whose tail (end of buffer to end of mapping: the guard page) holds p.
+// The live allocation whose guard regions hold p: `*before` the one below its start, else the
+// one after its end (the canary slack included).
+Alloc* find_guard(uint64_t p, bool* before) {
     auto it = g_live.upper_bound((uintptr_t)p);
+    if (it != g_live.end()) {
+        Alloc* a = it->second;
+        if (p >= (uint64_t)a->map && p < (uint64_t)a->ptr) {
+            *before = true;
+            return a;
+        }
+    }
     if (it == g_live.begin()) return nullptr;
     --it;
     Alloc* a = it->second;
     const uint64_t end = (uint64_t)a->ptr + a->bytes, map_end = (uint64_t)a->map + a->map_len;
+    *before = false;
     return (p >= end && p < map_end) ? a : nullptr;
 }
+
+// Where a kernel wrote into the slack after the buffer, if it did.
+std::string check_canary(const Alloc* a);
 
 std::string alloc_name(const Alloc* a) {
     char b[160];
@@ -350,9 +376,14 @@ std::string alloc_name(const Alloc* a) {
 
 std::string describe_address(uint64_t p) {
     char b[512];
-    if (Alloc* a = find_guard(p)) {
-        std::snprintf(b, sizeof b, "%#" PRIx64 " is %" PRIu64 " bytes past the end of %s", p,
-                      p - ((uint64_t)a->ptr + a->bytes), alloc_name(a).c_str());
+    bool before = false;
+    if (Alloc* a = find_guard(p, &before)) {
+        if (before)
+            std::snprintf(b, sizeof b, "%#" PRIx64 " is %" PRIu64 " bytes before the start of %s", p,
+                          (uint64_t)a->ptr - p, alloc_name(a).c_str());
+        else
+            std::snprintf(b, sizeof b, "%#" PRIx64 " is %" PRIu64 " bytes past the end of %s", p,
+                          p - ((uint64_t)a->ptr + a->bytes), alloc_name(a).c_str());
         return b;
     }
     if (Alloc* a = find_freed(p)) {
@@ -366,6 +397,20 @@ std::string describe_address(uint64_t p) {
     }
     std::snprintf(b, sizeof b, "%#" PRIx64 " is not in any device allocation", p);
     return b;
+}
+
+std::string check_canary(const Alloc* a) {
+    const unsigned char *first = nullptr, *last = nullptr;
+    for (const unsigned char* c = a->ptr + a->bytes; c < a->ptr + a->span; ++c)
+        if (*c != CANARY[(uintptr_t)c % 4]) {
+            if (!first) first = c;
+            last = c;
+        }
+    if (!first) return {};
+    char b[128];
+    std::snprintf(b, sizeof b, " (bytes %zu to %zu past its end)", (size_t)(first - a->ptr) - a->bytes,
+                  (size_t)(last - a->ptr) - a->bytes);
+    return "a write past the end of " + alloc_name(a) + b;
 }
 
 // Checks the order of an access by the operation at (stream s, epoch) against the allocation's
@@ -437,16 +482,23 @@ CUresult do_alloc(Ctx* ctx, Stream* s, uint64_t epoch, size_t bytes, bool pooled
                       g_used, cfg.memory);
         return fail(CUDA_ERROR_OUT_OF_MEMORY, b);
     }
-    const size_t pages = (bytes + PAGE - 1) / PAGE;
-    const size_t map_len = (pages + 1) * PAGE;
-    void* m = mmap(nullptr, map_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    const size_t span = (bytes + ALLOC_ALIGN - 1) / ALLOC_ALIGN * ALLOC_ALIGN;
+    const size_t pages = (span + PAGE - 1) / PAGE;
+    // [guard][buffer pages][guard]: address space only, no memory.
+    const size_t map_len = GUARD_BYTES + pages * PAGE + GUARD_BYTES;
+    void* m = mmap(nullptr, map_len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (m == MAP_FAILED) return fail(CUDA_ERROR_OUT_OF_MEMORY, std::string(what) + ": host mmap failed");
     unsigned char* map = (unsigned char*)m;
-    mprotect(map + pages * PAGE, PAGE, PROT_NONE);
+    if (mprotect(map + GUARD_BYTES, pages * PAGE, PROT_READ | PROT_WRITE) != 0) {
+        munmap(m, map_len);
+        return fail(CUDA_ERROR_OUT_OF_MEMORY, std::string(what) + ": host mprotect failed");
+    }
     Alloc* a = new Alloc();
     a->id = g_next_alloc++;
-    a->ptr = map + pages * PAGE - bytes;  // the end of the buffer touches the guard page
+    a->ptr = map + GUARD_BYTES + pages * PAGE - span;  // 256-aligned; the rounded end touches the guard
     a->bytes = bytes;
+    a->span = span;
+    for (unsigned char* c = a->ptr + bytes; c < a->ptr + span; ++c) *c = CANARY[(uintptr_t)c % 4];
     a->map = map;
     a->map_len = map_len;
     a->pooled = pooled;
@@ -900,10 +952,13 @@ EXPORT CUresult cuMemAlloc(CUdeviceptr* p, size_t bytes) {
     Lock l(g_mutex);
     Ctx* ctx;
     if (CUresult r = enter(&ctx)) return r;
-    // Synchronous: the allocation is ordered after everything (a legacy-stream operation).
+    // Synchronous: the allocation is ordered after everything (a legacy-stream operation), and
+    // the host, which gets the pointer once it is done, issues everything after it.
     Stream* s = stream_of(ctx, nullptr);
     for (Stream* t : ctx->streams) s->clock.join(t->clock);
-    return do_alloc(ctx, s, tick(s), bytes, false, p, "cuMemAlloc");
+    CUresult r = do_alloc(ctx, s, tick(s), bytes, false, p, "cuMemAlloc");
+    host_clock.join(s->clock);
+    return r;
 }
 
 EXPORT CUresult cuMemFree(CUdeviceptr p) {
@@ -917,7 +972,9 @@ EXPORT CUresult cuMemFree(CUdeviceptr p) {
         s->clock.join(t->clock);
         host_clock.join(t->clock);
     }
-    return do_free(ctx, s, tick(s), p, "cuMemFree");
+    CUresult r = do_free(ctx, s, tick(s), p, "cuMemFree");
+    host_clock.join(s->clock);
+    return r;
 }
 
 EXPORT CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, CUstream h) {
@@ -1315,6 +1372,7 @@ EXPORT CUresult cuLaunchKernel(CUfunction h, unsigned gx, unsigned gy, unsigned 
     const EmuKernelEntry* entry = nullptr;
     Ctx* ctx = nullptr;
     std::string kname;
+    std::vector<uintptr_t> given;  // the allocations the kernel was given (their starts)
     {
         Lock l(g_mutex);
         if (CUresult r = enter(&ctx)) return r;
@@ -1397,6 +1455,7 @@ EXPORT CUresult cuLaunchKernel(CUfunction h, unsigned gx, unsigned gy, unsigned 
             Alloc* a = find_live(t.ptr, true);
             std::string race = order_access(a, s, epoch, t.write, name);
             if (!race.empty()) return fail_sticky(ctx, CUDA_ERROR_ILLEGAL_STATE, race + " (" + t.operand + ")");
+            given.push_back((uintptr_t)a->ptr);
         }
         desc.grid = {gx, gy, gz};
         desc.block = {bx, by, bz};
@@ -1414,6 +1473,13 @@ EXPORT CUresult cuLaunchKernel(CUfunction h, unsigned gx, unsigned gy, unsigned 
     if (rc != 0) {
         Lock l(g_mutex);
         return fail_sticky(ctx, CUDA_ERROR_ILLEGAL_ADDRESS, kname + ": " + (tl_fault.empty() ? "kernel fault" : tl_fault));
+    }
+    Lock l(g_mutex);
+    for (uintptr_t p : given) {
+        auto it = g_live.find(p);
+        if (it == g_live.end()) continue;  // freed meanwhile by another host thread
+        std::string overrun = check_canary(it->second);
+        if (!overrun.empty()) return fail_sticky(ctx, CUDA_ERROR_ILLEGAL_ADDRESS, kname + ": " + overrun);
     }
     return CUDA_SUCCESS;
 }

@@ -35,11 +35,11 @@ template <class T> constexpr uint8_t emu_param_kind() {
 
 // The spelling of T, from the compiler's signature of this function ("... [with T = int*]").
 template <class T> const char* emu_type_name() {
-    static const std::string name = [] {
-        std::string_view f = __PRETTY_FUNCTION__;
+    // This function's own signature (inside a lambda __PRETTY_FUNCTION__ would name the lambda).
+    static const std::string name = [](std::string_view f) {
         const size_t a = f.find("T = ") + 4, b = f.find_first_of(";]", a);
         return std::string(f.substr(a, b - a));
-    }();
+    }(__PRETTY_FUNCTION__);
     return name.c_str();
 }
 
