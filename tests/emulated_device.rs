@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use cudarc::driver::sys::{CUfunction_attribute, CUresult};
 use cudarc::driver::{result, CudaFunction, CudaStream, DriverError};
+use fused_infonce::cuda::launch::{self, Args};
 use fused_infonce::cuda::Gpu;
 
 /// A kernel launched with raw pointer values (no cudarc guards, no launch-layer checks).
@@ -131,6 +132,38 @@ fn cast(
         smem,
         &mut [p(&mut x), p(&mut y), p(&mut n)],
     )
+}
+
+/// The launch layer opts a function in to dynamic shared memory beyond 48 KiB (no kernel of the
+/// crate needs it yet: the tensor-core kernels' 3 × 64 × 128 × 2 bytes are exactly 48 KiB), and
+/// refuses more than the device's opt-in maximum itself, with a message.
+fn launch_layer_opts_in() {
+    let gpu = fresh();
+    let n = 1000usize;
+    let x = gpu.stream().clone_htod(&values(n)).unwrap();
+    let mut y = gpu.stream().alloc_zeros::<f32>(n).unwrap();
+    let cfg = |smem: u32| cudarc::driver::LaunchConfig {
+        grid_dim: (4, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: smem,
+    };
+    for (smem, ok) in [
+        (64 << 10, true),
+        (gpu.properties().max_shared_per_block + 1, false),
+    ] {
+        let mut a = Args::new(&gpu);
+        a.read(&x).write(&mut y).i64(n as i64);
+        // SAFETY: unfused_cast_f32(const float* x, float* y, int64_t n); x and y hold n floats;
+        // the kernel ignores its dynamic shared memory.
+        let r =
+            unsafe { launch::launch(&gpu, "cast", "unfused", "unfused_cast_f32", cfg(smem), a) };
+        match (r, ok) {
+            (Ok(()), true) => {}
+            (Err(e), false) => assert!(e.to_string().contains("shared memory"), "{e}"),
+            (r, _) => panic!("{smem} bytes of dynamic shared memory: {r:?}"),
+        }
+    }
+    assert_eq!(gpu.stream().clone_dtoh(&y).unwrap(), values(n));
 }
 
 /// Rules a GPU enforces too: launch limits, dynamic shared memory, missing kernels, empty
@@ -393,6 +426,7 @@ fn the_emulated_device_enforces_the_hardware_rules() {
     let emulated = gpu.properties().emulated;
     EMULATED.store(emulated, Ordering::Relaxed);
     drop(gpu);
+    launch_layer_opts_in();
     hardware_rules();
     if !emulated {
         eprintln!("a real GPU: the emulator-only scenarios (canary, guard pages, freed inputs, races) do not run");
