@@ -259,6 +259,14 @@ impl LossSpec {
     pub fn grad_queue(&self) -> bool {
         self.grad_queue
     }
+    /// The same loss on rows that are already normalised: this spec without the normalisation
+    /// step (what runs after a separate normalisation pass).
+    pub fn without_normalize(&self) -> LossSpec {
+        LossSpec {
+            normalize: false,
+            ..self.clone()
+        }
+    }
 }
 
 impl LossSpecBuilder {

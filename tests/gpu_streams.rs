@@ -9,48 +9,10 @@
 mod support;
 
 use fused_infonce::cuda::{
-    evaluate_device, DeviceGrad, DeviceInputs, DeviceMatrix, DeviceOptions, DeviceOutput, Gpu,
-    KernelPath, QueueView,
+    evaluate_device, DeviceInputs, DeviceMatrix, DeviceOptions, Gpu, KernelPath, QueueView,
 };
 use fused_infonce::{bf16, cpu, LossInputs, LossSpec, Upstream};
-use support::{assert_close, unit_rows, HostOut};
-
-/// Downloads every output on the engine's stream (not the stream the loss ran on).
-fn download_on(
-    engine: &std::sync::Arc<cudarc::driver::CudaStream>,
-    o: &DeviceOutput<bf16>,
-) -> HostOut {
-    let dl = |s: &cudarc::driver::CudaSlice<f32>| -> Vec<f64> {
-        engine
-            .clone_dtoh(s)
-            .unwrap()
-            .into_iter()
-            .map(f64::from)
-            .collect()
-    };
-    HostOut {
-        loss: dl(&o.loss),
-        lse: dl(&o.lse),
-        lse_cols: o.lse_cols.as_ref().map(dl),
-        grads: o
-            .grads
-            .iter()
-            .map(|(n, g)| {
-                let v = match g {
-                    DeviceGrad::F32(m) => dl(m.slice()),
-                    DeviceGrad::Input(m) => engine
-                        .clone_dtoh(m.slice())
-                        .unwrap()
-                        .into_iter()
-                        .map(|x| x.to_f64())
-                        .collect(),
-                };
-                (*n, v)
-            })
-            .collect(),
-        grad_temperature: o.grad_temperature.as_ref().map(|s| dl(s)[0]),
-    }
-}
+use support::{assert_close, unit_rows};
 
 #[test]
 fn every_path_orders_its_work_on_an_engines_streams() {
@@ -105,7 +67,7 @@ fn every_path_orders_its_work_on_an_engines_streams() {
         // The engine frees its inputs at once (stream-ordered on its stream) and reads the
         // outputs on its stream.
         drop((qd, pd, md));
-        let got = download_on(&engine, &out);
+        let got = support::download_on(&engine, &out);
         assert_close(
             &format!("{path:?} on the engine's streams"),
             &got,

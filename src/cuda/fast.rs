@@ -326,12 +326,7 @@ fn normalized<T: DeviceElement>(
     upstream: &Upstream,
     opts: &DeviceOptions,
 ) -> Result<DeviceOutput<T>> {
-    let plain = LossSpec::builder(spec.mode())
-        .temperature_scheme(spec.temperature())
-        .variant(spec.variant())
-        .reduction(spec.reduction())
-        .grad_queue(spec.grad_queue())
-        .build()?;
+    let plain = spec.without_normalize();
     let inner = DeviceOptions {
         grad_dtype: GradDType::F32,
         ..*opts

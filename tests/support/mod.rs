@@ -120,43 +120,40 @@ pub struct HostOut {
     pub grad_temperature: Option<f64>,
 }
 
-fn dl(gpu: &Gpu, s: &cudarc::driver::CudaSlice<f32>) -> Vec<f64> {
-    gpu.stream()
-        .clone_dtoh(s)
-        .unwrap()
-        .into_iter()
-        .map(f64::from)
-        .collect()
+/// Downloads every output of a device evaluation (on the loss's own stream).
+pub fn download<T: DeviceElement>(gpu: &Gpu, o: &DeviceOutput<T>) -> HostOut {
+    download_on(gpu.stream(), o)
 }
 
-/// Downloads every output of a device evaluation.
-pub fn download<T: DeviceElement>(gpu: &Gpu, o: &DeviceOutput<T>) -> HostOut {
+/// Downloads every output of a device evaluation on `stream` (an engine's stream, say: cudarc's
+/// events then order the copies after the loss's writes).
+pub fn download_on<T: DeviceElement>(
+    stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+    o: &DeviceOutput<T>,
+) -> HostOut {
+    let dl = |s: &cudarc::driver::CudaSlice<f32>| -> Vec<f64> {
+        let v = stream.clone_dtoh(s).unwrap();
+        v.into_iter().map(f64::from).collect()
+    };
     HostOut {
-        loss: dl(gpu, &o.loss),
-        lse: dl(gpu, &o.lse),
-        lse_cols: o.lse_cols.as_ref().map(|s| dl(gpu, s)),
+        loss: dl(&o.loss),
+        lse: dl(&o.lse),
+        lse_cols: o.lse_cols.as_ref().map(dl),
         grads: o
             .grads
             .iter()
             .map(|(n, g)| {
                 let v = match g {
-                    DeviceGrad::F32(m) => m
-                        .download(gpu)
-                        .unwrap()
-                        .into_iter()
-                        .map(f64::from)
-                        .collect(),
-                    DeviceGrad::Input(m) => m
-                        .download(gpu)
-                        .unwrap()
-                        .into_iter()
-                        .map(|x| x.to_f64())
-                        .collect(),
+                    DeviceGrad::F32(m) => dl(m.slice()),
+                    DeviceGrad::Input(m) => {
+                        let v = stream.clone_dtoh(m.slice()).unwrap();
+                        v.into_iter().map(|x| x.to_f64()).collect()
+                    }
                 };
                 (*n, v)
             })
             .collect(),
-        grad_temperature: o.grad_temperature.as_ref().map(|s| dl(gpu, s)[0]),
+        grad_temperature: o.grad_temperature.as_ref().map(|s| dl(s)[0]),
     }
 }
 
@@ -398,12 +395,7 @@ pub fn reference_as_stored<T: DeviceElement>(
         LossInputs::Cross { targets, .. } => *targets,
         _ => None,
     };
-    let plain = LossSpec::builder(spec.mode())
-        .temperature_scheme(spec.temperature())
-        .variant(spec.variant())
-        .reduction(spec.reduction())
-        .grad_queue(spec.grad_queue())
-        .build()?;
+    let plain = spec.without_normalize();
     let mut out = fused_infonce::cpu::evaluate(
         &plain,
         &LossInputs::from_matrices(spec.mode(), &views, targets)?,
