@@ -1,5 +1,5 @@
 //! Criterion benchmarks of the presets of spec/performance.md: the fused op
-//! (`cuda::evaluate_device`, path Auto), the tensor-core kernels (`cuda::fast`) and the unfused
+//! (`cuda::evaluate_device`, path Auto), the tensor-core kernels (`cuda::paths::tensor_core`) and the unfused
 //! baseline on the GPU, timed with CUDA
 //! events (`iter_custom`), and the CPU reference on a small shape, which always runs.
 //!
@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use cudarc::driver::sys::CUevent_flags;
 use fused_infonce::cuda::bench::{preset_fits, PresetInputs, PRESETS};
-use fused_infonce::cuda::unfused::Unfused;
+use fused_infonce::cuda::paths::unfused::Unfused;
 use fused_infonce::cuda::{self, gpu_or_skip, DeviceOptions, Gpu};
 use fused_infonce::{cpu, Element, LossInputs, MatRef, Upstream};
 use rand::rngs::StdRng;
@@ -92,7 +92,7 @@ fn gpu_presets(c: &mut Criterion) {
             }
             Err(e) => eprintln!("{} fused: skipped: {e}", p.name),
         }
-        match fused_infonce::cuda::fast::evaluate_device_tc(
+        match fused_infonce::cuda::paths::tensor_core::evaluate(
             &gpu,
             &spec,
             &view,
@@ -103,7 +103,7 @@ fn gpu_presets(c: &mut Criterion) {
                 group.bench_function(BenchmarkId::new("tc", p.name), |b| {
                     b.iter_custom(|iters| {
                         device_time(&gpu, iters, || {
-                            fused_infonce::cuda::fast::evaluate_device_tc(
+                            fused_infonce::cuda::paths::tensor_core::evaluate(
                                 &gpu,
                                 &spec,
                                 &view,

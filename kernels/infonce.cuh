@@ -9,7 +9,7 @@
 //   cross      X = A, Y = B, positive key y_i (targets, default i), excluded: the positive
 //   symmetric  twice: (X = A, Y = B) for the row losses and (X = B, Y = A) for the column losses,
 //              positive key i
-// The struct layout must match `InfonceParams` in src/cuda/kernels_v1.rs (the size is asserted on
+// The struct layout must match `InfonceParams` in src/cuda/paths/simple/params.rs (the size is asserted on
 // both sides).
 #pragma once
 
@@ -65,8 +65,8 @@ struct InfonceParams {
     float lambda;              // simple:λ when has_lambda
     int32_t has_lambda;        // 0: λ = 1/#kept negatives
 };
-static_assert(sizeof(InfonceParams) == 232, "InfonceParams must match src/cuda/kernels_v1.rs");
-// Field offsets, asserted identically in src/cuda/kernels_v1.rs (offset_of!).
+static_assert(sizeof(InfonceParams) == 232, "InfonceParams must match src/cuda/paths/simple/params.rs");
+// Field offsets, asserted identically in src/cuda/paths/simple/params.rs (offset_of!).
 #define INFONCE_PARAMS_OFFSET(F, O) static_assert(__builtin_offsetof(InfonceParams, F) == O, "InfonceParams." #F " offset");
 INFONCE_PARAMS_OFFSET(x, 0)
 INFONCE_PARAMS_OFFSET(y, 8)

@@ -11,8 +11,7 @@
 //                 queue mode the positive's gradient dpos_i = w_i · alpha · (P_i+ − 1).
 //   pos_dot:      s_i+ = x_i · y_i (queue mode's positive similarity), f32 accumulation.
 //   row_axpy:     out_i = beta · out_i + c_i · x_i (the positive's gradient terms).
-//   sum_scaled:   out[0] = c · Σ x_i (the mean / sum reduction of the per-anchor losses).
-//   cast:         f32 → input dtype (gradients returned in the input dtype).
+// The reduction and the casts it shares with the other paths are in steps.cu.
 #include "common.cuh"
 
 // Where row i's positive is.
@@ -147,29 +146,6 @@ __device__ void row_axpy(float* __restrict__ out, const T* __restrict__ x,
     }
 }
 
-template <typename T>
-__device__ void cast_from_f32(const float* __restrict__ x, T* __restrict__ y, int64_t n) {
-    for (int64_t k = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; k < n;
-         k += (int64_t)gridDim.x * blockDim.x)
-        y[k] = from_f32<T>(x[k]);
-}
-
-// One block: out[0] = c · Σ x.
-extern "C" __global__ void unfused_sum_scaled(const float* __restrict__ x, int64_t n, float c,
-                                              float* __restrict__ out) {
-    __shared__ float part[CE_THREADS / WARP];
-    float acc = 0.0f;
-    for (int64_t k = threadIdx.x; k < n; k += blockDim.x) acc += x[k];
-    acc = warp_sum(acc);
-    if (threadIdx.x % WARP == 0) part[threadIdx.x / WARP] = acc;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        float s = 0.0f;
-        for (int k = 0; k < (int)(blockDim.x / WARP); ++k) s += part[k];
-        out[0] = c * s;
-    }
-}
-
 #define UNFUSED_ENTRY(NAME, T)                                                                   \
     extern "C" __global__ void __launch_bounds__(CE_THREADS) unfused_ce_rows_##NAME(             \
         float* S, T* G_lowp, int64_t rows, int64_t cols, int64_t ld, const float* pos_s,         \
@@ -185,54 +161,5 @@ extern "C" __global__ void unfused_sum_scaled(const float* __restrict__ x, int64
     extern "C" __global__ void unfused_row_axpy_##NAME(float* out, const T* x, const float* coef, \
                                                        float beta, int64_t rows, int cols) {     \
         row_axpy<T>(out, x, coef, beta, rows, cols);                                             \
-    }                                                                                            \
-    extern "C" __global__ void unfused_cast_##NAME(const float* x, T* y, int64_t n) {            \
-        cast_from_f32<T>(x, y, n);                                                               \
     }
 INFONCE_FOR_EACH_DTYPE(UNFUSED_ENTRY)
-
-// Benchmark inputs: rows of unit L2 norm from a counter-based hash (seed, row, col) → [-1, 1),
-// one warp per row (random, never zeros; generated on the device so multi-GB presets start fast).
-__device__ __forceinline__ float hash_uniform(uint64_t seed, uint64_t idx) {
-    uint64_t z = seed * 0x9E3779B97F4A7C15ull + idx;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
-    return (float)(z >> 40) * (2.0f / 16777216.0f) - 1.0f;
-}
-
-template <typename T>
-__device__ void fill_unit_rows(T* __restrict__ x, int64_t rows, int cols, uint64_t seed) {
-    const int64_t r = (int64_t)blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
-    const int lane = threadIdx.x % WARP;
-    if (r >= rows) return;
-    float ss = 0.0f;
-    for (int c = lane; c < cols; c += WARP) {
-        const float v = hash_uniform(seed, (uint64_t)r * cols + c);
-        ss = fmaf(v, v, ss);
-    }
-    const float inv = 1.0f / fmaxf(sqrtf(warp_sum(ss)), 1e-12f);
-    for (int c = lane; c < cols; c += WARP)
-        x[r * cols + c] = from_f32<T>(hash_uniform(seed, (uint64_t)r * cols + c) * inv);
-}
-
-#define FILL_ENTRY(NAME, T)                                                                  \
-    extern "C" __global__ void unfused_fill_unit_rows_##NAME(T* x, int64_t rows, int cols,   \
-                                                             uint64_t seed) {               \
-        fill_unit_rows<T>(x, rows, cols, seed);                                              \
-    }
-INFONCE_FOR_EACH_DTYPE(FILL_ENTRY)
-
-// max |x| over n floats into *out (as the bits of a non-negative float, so integer atomicMax
-// orders them); *out must start at 0. NaN counts as +inf.
-extern "C" __global__ void unfused_max_abs_f32(const float* __restrict__ x, int64_t n,
-                                               unsigned int* __restrict__ out) {
-    float m = 0.0f;
-    for (int64_t k = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; k < n;
-         k += (int64_t)gridDim.x * blockDim.x) {
-        const float a = fabsf(x[k]);
-        m = fmaxf(m, a != a ? INFINITY : a);
-    }
-    m = warp_max(m);
-    if (threadIdx.x % WARP == 0) atomicMax(out, __float_as_uint(m));
-}

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use cudarc::driver::sys::{CUfunction_attribute, CUresult};
 use cudarc::driver::{result, CudaFunction, CudaStream, DriverError};
-use fused_infonce::cuda::launch::{self, Args};
+use fused_infonce::cuda::runtime::launch::{self, Args};
 use fused_infonce::cuda::Gpu;
 
 /// A kernel launched with raw pointer values (no cudarc guards, no launch-layer checks).
@@ -110,7 +110,7 @@ fn values(n: usize) -> Vec<f32> {
     (0..n).map(|i| (i as f32 * 0.37).sin()).collect()
 }
 
-/// `unfused_cast_f32(const float* x, float* y, int64_t n)`: y[k] = x[k] for k < n (grid-stride).
+/// `steps_cast_f32(const float* x, float* y, int64_t n)`: y[k] = x[k] for k < n (grid-stride).
 fn cast(
     gpu: &Gpu,
     x: u64,
@@ -121,7 +121,7 @@ fn cast(
     smem: u32,
 ) -> Result<(), DriverError> {
     let f = gpu
-        .function("unfused", "unfused_cast_f32")
+        .function("steps", "steps_cast_f32")
         .expect("cast kernel");
     let (mut x, mut y, mut n) = (x, y, n);
     launch(
@@ -153,10 +153,9 @@ fn launch_layer_opts_in() {
     ] {
         let mut a = Args::new(&gpu);
         a.read(&x).write(&mut y).i64(n as i64);
-        // SAFETY: unfused_cast_f32(const float* x, float* y, int64_t n); x and y hold n floats;
+        // SAFETY: steps_cast_f32(const float* x, float* y, int64_t n); x and y hold n floats;
         // the kernel ignores its dynamic shared memory.
-        let r =
-            unsafe { launch::launch(&gpu, "cast", "unfused", "unfused_cast_f32", cfg(smem), a) };
+        let r = unsafe { launch::launch(&gpu, "cast", "steps", "steps_cast_f32", cfg(smem), a) };
         match (r, ok) {
             (Ok(()), true) => {}
             (Err(e), false) => assert!(e.to_string().contains("shared memory"), "{e}"),
@@ -189,7 +188,7 @@ fn hardware_rules() {
         CUresult::CUDA_ERROR_INVALID_VALUE,
         &["MAX_DYNAMIC_SHARED_SIZE_BYTES"],
     );
-    let f = gpu.function("unfused", "unfused_cast_f32").unwrap();
+    let f = gpu.function("steps", "steps_cast_f32").unwrap();
     f.set_attribute(
         CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
         64 << 10,
@@ -265,11 +264,9 @@ fn hardware_rules() {
 /// parity tests' comparisons then fail on.
 fn grid_one_block_short() {
     let gpu = fresh();
-    // unfused_fill_unit_rows_f32(float* x, int64_t rows, int cols, uint64_t seed): one warp per
+    // steps_fill_unit_rows_f32(float* x, int64_t rows, int cols, uint64_t seed): one warp per
     // row, no grid stride.
-    let f = gpu
-        .function("unfused", "unfused_fill_unit_rows_f32")
-        .unwrap();
+    let f = gpu.function("steps", "steps_fill_unit_rows_f32").unwrap();
     let (rows, cols, per_block) = (40usize, 9i32, 8usize);
     let x = Raw::new(rows * cols as usize * 4);
     let (mut xp, mut r, mut c, mut seed) = (x.0, rows as i64, cols, 7u64);
@@ -308,7 +305,7 @@ fn small_overrun() {
         cast(&gpu, x.0, y.0, n as i64, 4, 256, 0),
         CUresult::CUDA_ERROR_ILLEGAL_ADDRESS,
         &[
-            "unfused_cast_f32",
+            "steps_cast_f32",
             "a write past the end of allocation",
             "3996 bytes",
             "(bytes 0 to 3 past its end)",
@@ -336,7 +333,7 @@ fn large_overrun() {
         "a 9000-element overrun",
         cast(&gpu, x.0, y.0, n as i64, 8, 256, 0),
         CUresult::CUDA_ERROR_ILLEGAL_ADDRESS,
-        &["unfused_cast_f32", "past the end of allocation"],
+        &["steps_cast_f32", "past the end of allocation"],
     );
 }
 
@@ -364,7 +361,7 @@ fn unordered_streams() {
     x.upload(&values(n));
     let other = gpu.context().new_stream().unwrap();
     cast(&gpu, x.0, y.0, n as i64, 1, 128, 0).expect("write y on the first stream");
-    let f = gpu.function("unfused", "unfused_cast_f32").unwrap();
+    let f = gpu.function("steps", "steps_cast_f32").unwrap();
     let (mut yp, mut zp, mut nn) = (y.0, z.0, n as i64);
     expect_err(
         "read y on a second stream",
@@ -396,7 +393,7 @@ fn ordered_streams() {
     other
         .join(gpu.stream())
         .expect("event: the second stream waits for the first");
-    let f = gpu.function("unfused", "unfused_cast_f32").unwrap();
+    let f = gpu.function("steps", "steps_cast_f32").unwrap();
     let (mut yp, mut zp, mut nn) = (y.0, z.0, n as i64);
     launch(
         &f,

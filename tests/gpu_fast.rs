@@ -1,4 +1,4 @@
-//! The tensor-core kernels (`cuda::fast::evaluate_device_tc`) against the CPU reference and the
+//! The tensor-core kernels (`cuda::paths::tensor_core::evaluate`) against the CPU reference and the
 //! v1 kernels (KernelPath::Simple): f16/bf16 within 1e-2 relative L2, shapes that are not
 //! multiples of the tiles, a wrapped queue ring, an empty queue, reductions, learnable τ, device
 //! memory poisoned with NaN before each run, and the gradient filter (Exact equals the reference;
@@ -8,7 +8,7 @@
 mod support;
 
 use fused_infonce::cpu;
-use fused_infonce::cuda::fast::{evaluate_device_tc, filter_bound};
+use fused_infonce::cuda::paths::tensor_core::{self, filter_bound};
 use fused_infonce::cuda::{
     evaluate_device, DeviceElement, DeviceInputs, DeviceOptions, Gpu, GradFilter, KernelPath,
     QueueView,
@@ -34,7 +34,7 @@ fn run_tc<T: DeviceElement>(
     opts: &DeviceOptions,
 ) -> HostOut {
     poison(gpu);
-    let out = evaluate_device_tc(gpu, spec, di, up_, opts).unwrap();
+    let out = tensor_core::evaluate(gpu, spec, di, up_, opts).unwrap();
     download(gpu, &out)
 }
 
@@ -232,7 +232,7 @@ fn unsupported_cases_say_so() {
     let pos = up(&gpu, "positive", &c.b[..16 * 64], 16, 64);
     let (_, di) = queue_inputs(&c, &dc, &pos);
     let spec = LossSpec::queue().build().unwrap();
-    let r = evaluate_device_tc(&gpu, &spec, &di, &Upstream::One, &DeviceOptions::default());
+    let r = tensor_core::evaluate(&gpu, &spec, &di, &Upstream::One, &DeviceOptions::default());
     assert!(
         matches!(r, Err(Error::Unsupported(_))),
         "f32 without tf32: {r:?}"
@@ -241,7 +241,7 @@ fn unsupported_cases_say_so() {
     let dcb = DevCase::new(&gpu, &cb);
     let posb = up(&gpu, "positive", &cb.b[..16 * 96], 16, 96);
     let (_, dib) = queue_inputs(&cb, &dcb, &posb);
-    let r = evaluate_device_tc(&gpu, &spec, &dib, &Upstream::One, &DeviceOptions::default());
+    let r = tensor_core::evaluate(&gpu, &spec, &dib, &Upstream::One, &DeviceOptions::default());
     assert!(matches!(r, Err(Error::Unsupported(_))), "D = 96: {r:?}");
 }
 
@@ -335,7 +335,7 @@ fn cross_f16_d64_with_targets() {
 /// 3e-8 flush to zero). Mean weights at N = 8192 with P ≈ 1/N give g ≈ 1.5e-8: most negatives'
 /// terms would vanish. Here a 1e-3 upstream weight on a mean over 256 anchors (w ≈ 3.9e-6) with
 /// P ≈ 1/512 gives g ≈ 8e-9, the same flush, in a problem the emulated device runs in seconds.
-/// The kernels scale the weights by a power of two before packing (`fast::weight_scale`), so the
+/// The kernels scale the weights by a power of two before packing (`tensor_core::weight_scale`), so the
 /// gradients keep f16's relative precision whatever the weights.
 #[test]
 fn f16_pair_gradients_with_tiny_weights_do_not_underflow() {
@@ -421,7 +421,8 @@ fn pair_gradient_filter_bounded() {
     );
     assert_eq!(filt.loss, exact.loss, "the filter leaves the loss exact");
     let w = 0.5 / n as f64;
-    let bound = fused_infonce::cuda::fast::pair_filter_bound(w, w, theta, n, 1.01, tau);
+    let bound =
+        fused_infonce::cuda::paths::tensor_core::pair_filter_bound(w, w, theta, n, 1.01, tau);
     for ((name, f), (_, e)) in filt.grads.iter().zip(&exact.grads) {
         for i in 0..n {
             let diff: f64 = (0..d)
@@ -470,7 +471,7 @@ fn f32_with_tf32_opt_in_runs_on_tensor_cores() {
         positive: &pos,
         queue: QueueView::whole(&dc.c),
     };
-    let r = evaluate_device_tc(
+    let r = tensor_core::evaluate(
         &gpu,
         &spec,
         &di,

@@ -433,7 +433,7 @@ fn fused_loss_is_deterministic() {
     }
 }
 
-/// hard:k and HardSimple on the GPU (thresholds from `cuda::select`, then the fused kernels with
+/// hard:k and HardSimple on the GPU (thresholds from `cuda::steps::select`, then the fused kernels with
 /// the threshold hook) against the reference, in every mode (symmetric rows and columns select
 /// separately), for k = 1, a middle k and k ≥ #negatives (the standard loss).
 #[test]

@@ -17,7 +17,7 @@ mod support;
 #[path = "support/pairs.rs"]
 mod pairs;
 
-use fused_infonce::cuda::select::{
+use fused_infonce::cuda::steps::select::{
     hard_thresholds, hard_thresholds_into, radix_select_host, threshold_len,
 };
 use fused_infonce::cuda::{DeviceElement, Gpu};

@@ -6,7 +6,7 @@
 mod support;
 
 use fused_infonce::cpu;
-use fused_infonce::cuda::unfused::{evaluate_device_unfused, scratch_bytes};
+use fused_infonce::cuda::paths::unfused::{self, scratch_bytes};
 use fused_infonce::cuda::{DeviceElement, DeviceInputs, DeviceOptions, GradDType, QueueView};
 use fused_infonce::{bf16, DType, Error, LossInputs, LossSpec, Mode, Reduction, Upstream, Variant};
 use support::*;
@@ -28,7 +28,7 @@ fn queue_case<T: DeviceElement>(spec: &LossSpec, n: usize, k: usize, d: usize, u
     let pos = up(&gpu, "positive", &c.b[..n * d], n, d);
     let (hi, di) = queue_inputs(&c, &dc, &pos);
     let want = cpu::evaluate(spec, &hi, &up_).unwrap();
-    let got = evaluate_device_unfused(&gpu, spec, &di, &up_, &DeviceOptions::default()).unwrap();
+    let got = unfused::evaluate(&gpu, spec, &di, &up_, &DeviceOptions::default()).unwrap();
     assert_close(
         &format!("queue {:?}", T::DTYPE),
         &download(&gpu, &got),
@@ -102,8 +102,8 @@ fn queue_wrapped_ring() {
         },
     };
     let want = cpu::evaluate(&spec, &hi, &Upstream::One).unwrap();
-    let got = evaluate_device_unfused(&gpu, &spec, &di, &Upstream::One, &DeviceOptions::default())
-        .unwrap();
+    let got =
+        unfused::evaluate(&gpu, &spec, &di, &Upstream::One, &DeviceOptions::default()).unwrap();
     assert_close(
         "wrapped queue",
         &download(&gpu, &got),
@@ -136,7 +136,7 @@ fn inbatch_case<T: DeviceElement>(reduction: Reduction) {
         embeddings: mat("embeddings", &e, n2, d),
     };
     let want = cpu::evaluate(&spec, &hi, &up_).unwrap();
-    let got = evaluate_device_unfused(
+    let got = unfused::evaluate(
         &gpu,
         &spec,
         &DeviceInputs::InBatch { embeddings: &de },
@@ -183,7 +183,7 @@ fn cross_f32_targets() {
         targets: Some(&t),
     };
     let want = cpu::evaluate(&spec, &hi, &Upstream::One).unwrap();
-    let got = evaluate_device_unfused(
+    let got = unfused::evaluate(
         &gpu,
         &spec,
         &DeviceInputs::Cross {
@@ -227,7 +227,7 @@ fn symmetric_case<T: DeviceElement>(grad_dtype: GradDType) {
         grad_dtype,
         ..Default::default()
     };
-    let got = evaluate_device_unfused(
+    let got = unfused::evaluate(
         &gpu,
         &spec,
         &DeviceInputs::Symmetric {
@@ -275,7 +275,7 @@ fn forward_only_returns_no_gradients() {
     };
     let got = download(
         &gpu,
-        &evaluate_device_unfused(&gpu, &spec, &di, &Upstream::One, &opts).unwrap(),
+        &unfused::evaluate(&gpu, &spec, &di, &Upstream::One, &opts).unwrap(),
     );
     let want = cpu::evaluate(&spec, &hi, &Upstream::One).unwrap();
     assert!(got.grads.is_empty());
@@ -298,7 +298,7 @@ fn other_variants_are_unsupported() {
         .variant(Variant::Decoupled)
         .build()
         .unwrap();
-    let r = evaluate_device_unfused(&gpu, &spec, &di, &Upstream::One, &DeviceOptions::default());
+    let r = unfused::evaluate(&gpu, &spec, &di, &Upstream::One, &DeviceOptions::default());
     assert!(matches!(r, Err(Error::Unsupported(_))), "{r:?}");
 }
 
@@ -322,7 +322,7 @@ fn a_logit_matrix_larger_than_the_card_is_a_clear_error() {
     let a = unit_rows::<bf16>(1, n, d);
     let (da, db) = (up(&gpu, "query", &a, n, d), up(&gpu, "key", &a, n, d));
     let spec = LossSpec::cross().temperature(0.1).build().unwrap();
-    let r = evaluate_device_unfused(
+    let r = unfused::evaluate(
         &gpu,
         &spec,
         &DeviceInputs::Cross {

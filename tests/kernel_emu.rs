@@ -516,7 +516,7 @@ fn write_v1_cases(dir: &Path) -> (Vec<PathBuf>, usize) {
 }
 
 /// The v1 loss kernels (`normalize_fwd`, `infonce_rows/merge/cols/finish/reduce`, launched as
-/// `kernels_v1::evaluate` does, the queue in a wrapped ring) on the emulator: f32 within 1e-5 of
+/// `paths::simple::evaluate` does, the queue in a wrapped ring) on the emulator: f32 within 1e-5 of
 /// the f64 reference on every case; the unfused baseline's kernels (`unfused_ce_rows` and its
 /// helpers, host GEMMs standing in for cuBLAS) within 2e-5 on the cases it supports; on every fourth case the f16 and bf16 builds must give
 /// bitwise the f32 build's outputs on the same dtype-rounded inputs (accumulation is f32 in all

@@ -6,11 +6,11 @@ use cudarc::cublas::sys::{cublasComputeType_t, cublasOperation_t, cudaDataType};
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::LaunchConfig;
 
-use super::device::Gpu;
-use super::fused::{DeviceInputs, QueueView};
-use super::launch::{self, launch, Args};
-use super::matrix::{DeviceElement, DeviceMatrix};
-use super::unfused::{cublas_handle, GemmCall};
+use super::op::{DeviceInputs, QueueView};
+use super::runtime::cublas::{cublas_handle, GemmCall};
+use super::runtime::launch::{self, launch, Args};
+use super::runtime::Gpu;
+use super::runtime::{DeviceElement, DeviceMatrix};
 use crate::error::{Error, Result};
 use crate::spec::{LossSpec, Mode};
 use half::bf16;

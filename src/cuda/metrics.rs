@@ -18,15 +18,15 @@
 //!   partials, merged in a fixed order by one block.
 //!
 //! Every reduction runs in a fixed order: results are deterministic (for a given device, since
-//! the launch shapes do not depend on it). Similarities are f32 (as in [`super::select`]).
+//! the launch shapes do not depend on it). Similarities are f32 (as in [`super::steps::select`]).
 
 use cudarc::driver::{CudaSlice, LaunchConfig};
 
-use super::device::Gpu;
-use super::fused::DeviceInputs;
-use super::launch::{self, launch, Args};
-use super::matrix::{DeviceElement, DeviceMatrix};
-use super::select::{pair_set, self_pairs};
+use super::op::DeviceInputs;
+use super::runtime::launch::{self, launch, Args};
+use super::runtime::Gpu;
+use super::runtime::{DeviceElement, DeviceMatrix};
+use super::steps::pairs::{pair_set, self_pairs};
 use crate::error::{Error, Result};
 use crate::spec::Temperature;
 

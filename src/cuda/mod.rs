@@ -1,33 +1,37 @@
-//! The CUDA backend: device handle, embedded kernels, device matrices and kernel launches.
+//! The CUDA backend. The folder reads like the call:
+//!
+//! - this module: [`evaluate_device`] (the device op: which path runs, nothing else) and
+//!   [`evaluate`] / [`evaluate_on`], the host convenience on top of it (upload, run, download);
+//! - [`op`]: the op's types ([`DeviceInputs`], [`DeviceOptions`], [`DeviceOutput`], …) and the
+//!   one device shape check;
+//! - [`paths`]: the kernel paths, each one `evaluate` (simple, tensor_core, unfused);
+//! - [`steps`]: what the paths share (normalisation, hard-negative thresholds, the loss's
+//!   reduction, dtype conversions);
+//! - [`runtime`]: the device, embedded modules, device matrices, the launch layer, cuBLAS and the
+//!   emulated device;
+//! - [`queue`] (MoCo's ring buffer), [`metrics`] (the GPU metric kernels), [`mod@bench`] (presets and
+//!   timing).
 //!
 //! Nothing here panics on a machine without CUDA: [`Gpu::new`] checks for the driver library first
 //! and returns [`Error::NoCudaDriver`]; a build without nvcc returns [`Error::KernelsNotBuilt`].
 
 pub mod bench;
-pub mod device;
-pub mod emulated;
-pub mod fast;
-pub mod fused;
-pub mod kernels_v1;
-pub mod launch;
-pub mod matrix;
 pub mod metrics;
-pub mod module;
-pub mod normalize;
+pub mod op;
+pub mod paths;
 pub mod queue;
-pub mod select;
-pub mod unfused;
+pub mod runtime;
+pub mod steps;
 
-pub use device::{
-    default_gpu, device_count, driver_present, driver_version, gpu_or_skip, list_devices,
-    DeviceProperties, Gpu,
+pub use op::{
+    device_shape, DeviceGrad, DeviceInputs, DeviceOptions, DeviceOutput, GradDType, GradFilter,
+    KernelPath, QueueView,
 };
-pub use fused::{
-    evaluate_device, evaluate_device_poisoned, DeviceGrad, DeviceInputs, DeviceOptions,
-    DeviceOutput, GradDType, GradFilter, KernelPath, QueueView,
-};
-pub use matrix::{DeviceElement, DeviceMatrix};
 pub use queue::NegativeQueue;
+pub use runtime::{
+    default_gpu, device_count, driver_present, driver_version, emulated, gpu_or_skip, list_devices,
+    module, DeviceElement, DeviceMatrix, DeviceProperties, Gpu,
+};
 
 use crate::error::{Error, Result};
 use crate::loss::{Gradient, LossInputs, LossOutput, LossValue, Upstream};
@@ -130,7 +134,7 @@ fn run<T: Element, U: DeviceElement>(
         forward_only: false,
         ..*opts
     };
-    let out = fused::dispatch(gpu, spec, &dev, upstream, &opts, poison)?;
+    let out = dispatch(gpu, spec, &dev, upstream, &opts, poison)?;
     download_output(gpu, spec, &out)
 }
 
@@ -202,4 +206,66 @@ fn download_output<U: DeviceElement>(
         grads,
         grad_temperature,
     })
+}
+
+/// Evaluates `spec` on device inputs, leaving the results in device memory (queued on `gpu`'s
+/// stream; nothing is synchronised except where an error must be reported, and in debug builds
+/// after each launch).
+///
+/// Shapes are checked first (the rules of [`crate::LossInputs::validate`]; device `targets` are
+/// not read back and must be in range). [`KernelPath::Auto`] and [`KernelPath::Simple`] run
+/// [`paths::simple`] (every spec; `hard:k` first computes each anchor's threshold `s_(k)` with
+/// [`steps::select::hard_thresholds`], an exact radix select over the same f32 similarities the
+/// loss kernels compute); [`KernelPath::TensorCore`] runs [`paths::tensor_core`] and
+/// [`KernelPath::Unfused`] the cuBLAS baseline [`paths::unfused`] (each an
+/// [`Error::Unsupported`] for the specs it does not cover; the poisoning hook applies to the
+/// simple path).
+/// Conventions of the outputs:
+/// - `loss`: one value (mean, sum) or the per-anchor losses (none; symmetric: N rows then N
+///   columns, unhalved).
+/// - `lse`: N values (2N for inbatch); for the simple variant a one-element placeholder with no
+///   meaning (the driver cannot allocate zero bytes). `lse_cols`: symmetric mode only.
+/// - `grads`: f32 or the input dtype ([`DeviceOptions::grad_dtype`]); the queue's gradient
+///   (when [`LossSpec::grad_queue`]) has `len` rows in queue order (row j is ring row
+///   `(start + j) mod capacity`).
+/// - Bitwise reproducible: no float atomics; every sum runs in a fixed order.
+pub fn evaluate_device<T: DeviceElement>(
+    gpu: &Gpu,
+    spec: &LossSpec,
+    inputs: &DeviceInputs<'_, T>,
+    upstream: &Upstream,
+    opts: &DeviceOptions,
+) -> Result<DeviceOutput<T>> {
+    dispatch(gpu, spec, inputs, upstream, opts, false)
+}
+
+/// As [`evaluate_device`], with every output buffer filled with NaN before the kernels run: a test
+/// hook that makes an output element no kernel writes show up as NaN.
+pub fn evaluate_device_poisoned<T: DeviceElement>(
+    gpu: &Gpu,
+    spec: &LossSpec,
+    inputs: &DeviceInputs<'_, T>,
+    upstream: &Upstream,
+    opts: &DeviceOptions,
+) -> Result<DeviceOutput<T>> {
+    dispatch(gpu, spec, inputs, upstream, opts, true)
+}
+
+fn dispatch<T: DeviceElement>(
+    gpu: &Gpu,
+    spec: &LossSpec,
+    inputs: &DeviceInputs<'_, T>,
+    upstream: &Upstream,
+    opts: &DeviceOptions,
+    poison: bool,
+) -> Result<DeviceOutput<T>> {
+    match opts.path {
+        // Auto runs the v1 kernels: the tensor-core kernels become the default only once a GPU
+        // report shows them passing the parity grid (they have not run on a device yet).
+        KernelPath::Auto | KernelPath::Simple => {
+            paths::simple::evaluate(gpu, spec, inputs, upstream, opts, poison)
+        }
+        KernelPath::TensorCore => paths::tensor_core::evaluate(gpu, spec, inputs, upstream, opts),
+        KernelPath::Unfused => paths::unfused::evaluate(gpu, spec, inputs, upstream, opts),
+    }
 }

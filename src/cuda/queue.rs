@@ -9,9 +9,9 @@ use std::sync::Arc;
 
 use cudarc::driver::CudaStream;
 
-use super::device::Gpu;
-use super::fused::QueueView;
-use super::matrix::{DeviceElement, DeviceMatrix};
+use super::op::QueueView;
+use super::runtime::Gpu;
+use super::runtime::{DeviceElement, DeviceMatrix};
 use crate::error::{Error, Result};
 
 /// One device copy of an enqueue: `rows` rows from batch row `src` to ring row `dst`.

@@ -377,7 +377,7 @@ pub fn reference_as_stored<T: DeviceElement>(
         let on_device = if m.rows() == 0 {
             Vec::new()
         } else {
-            let (ud, _) = fused_infonce::cuda::normalize::normalize_rows(
+            let (ud, _) = fused_infonce::cuda::steps::normalize::normalize_rows(
                 gpu,
                 &DeviceMatrix::upload(gpu, m)?,
             )?;

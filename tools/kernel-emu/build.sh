@@ -19,7 +19,7 @@ done
 $CXX -DFUSED_INFONCE_EMU -c "$OUT/obj/tu_mma.cpp" -o "$OUT/obj/tu_mma.o" & pids+=($!)
 $CXX -c "$HERE/emu.cpp" -o "$OUT/obj/emu.o" & pids+=($!)
 if [ "${ONLY:-}" != mma ]; then
-    for f in infonce normalize select metrics unfused; do
+    for f in infonce normalize select metrics unfused steps; do
         printf '#include "emu.h"\n#include "shim/%s.cu"\n' $f > "$OUT/obj/tu_$f.cpp"
         $CXX -c "$OUT/obj/tu_$f.cpp" -o "$OUT/obj/tu_$f.o" & pids+=($!)
     done
@@ -33,8 +33,8 @@ if [ "${ONLY:-}" != mma ]; then
     $CXX -DDT=bf16 -DTT=bf16 "$HERE/loss.cpp" $K -o "$OUT/loss_bf16"
     $CXX "$HERE/sel.cpp" "$OUT/obj/emu.o" "$OUT/obj/tu_select.o" -o "$OUT/sel"
     $CXX "$HERE/met.cpp" "$OUT/obj/emu.o" "$OUT/obj/tu_metrics.o" -o "$OUT/met"
-    $CXX "$HERE/unf.cpp" "$OUT/obj/emu.o" "$OUT/obj/tu_unfused.o" -o "$OUT/unf"
+    $CXX "$HERE/unf.cpp" "$OUT/obj/emu.o" "$OUT/obj/tu_unfused.o" "$OUT/obj/tu_steps.o" -o "$OUT/unf"
     $CXX "$HERE/nrm.cpp" "$OUT/obj/emu.o" "$OUT/obj/tu_normalize.o" -o "$OUT/nrm"
-    $CXX "$HERE/elt.cpp" "$OUT/obj/emu.o" "$OUT/obj/tu_unfused.o" -o "$OUT/elt"
+    $CXX "$HERE/elt.cpp" "$OUT/obj/emu.o" "$OUT/obj/tu_steps.o" -o "$OUT/elt"
 fi
 echo "built into $OUT"

@@ -1,6 +1,6 @@
-// The unfused module's small helpers on the emulator, launched as src/cuda launches them:
-// unfused_cast_* (f32 → dtype, grid-stride), unfused_max_abs_f32 (the tf32 path's range check;
-// NaN counts as +inf), unfused_fill_unit_rows_* (the benchmarks' device-side random unit rows).
+// The shared step kernels (kernels/steps.cu) on the emulator, launched as src/cuda launches them:
+// steps_cast_* (f32 → dtype, grid-stride), steps_max_abs_f32 (the tf32 path's range check;
+// NaN counts as +inf), steps_fill_unit_rows_* (the benchmarks' device-side random unit rows).
 #include "emu.h"
 #include "shim/common.cuh"
 #include <cstdio>
@@ -8,10 +8,10 @@
 #include <vector>
 
 #define DECL(NAME, T)                                                                   \
-    extern "C" void unfused_cast_##NAME(const float*, T*, int64_t);                     \
-    extern "C" void unfused_fill_unit_rows_##NAME(T*, int64_t, int, uint64_t);
+    extern "C" void steps_cast_##NAME(const float*, T*, int64_t);                     \
+    extern "C" void steps_fill_unit_rows_##NAME(T*, int64_t, int, uint64_t);
 INFONCE_FOR_EACH_DTYPE(DECL)
-extern "C" void unfused_max_abs_f32(const float*, int64_t, unsigned int*);
+extern "C" void steps_max_abs_f32(const float*, int64_t, unsigned int*);
 
 static int checks = 0, fails = 0;
 static void chk(const char* what, bool ok) {
@@ -60,9 +60,9 @@ static void run(const char* dt, void (*cast)(const float*, T*, int64_t), void (*
 }
 
 int main() {
-    run<float>("f32", unfused_cast_f32, unfused_fill_unit_rows_f32);
-    run<f16>("f16", unfused_cast_f16, unfused_fill_unit_rows_f16);
-    run<bf16>("bf16", unfused_cast_bf16, unfused_fill_unit_rows_bf16);
+    run<float>("f32", steps_cast_f32, steps_fill_unit_rows_f32);
+    run<f16>("f16", steps_cast_f16, steps_fill_unit_rows_f16);
+    run<bf16>("bf16", steps_cast_bf16, steps_fill_unit_rows_bf16);
     std::mt19937_64 rng(5);
     std::normal_distribution<float> g(0.0f, 1.0f);
     char w[128];
@@ -76,7 +76,7 @@ int main() {
             for (float v : x) want = std::max(want, v != v ? INFINITY : std::fabs(v));
             unsigned out = 0;
             const float* px = x.data(); unsigned* po = &out; const int64_t nn = n;
-            launch(blocks(n, 2), 1, 256, [=] { unfused_max_abs_f32(px, nn, po); });
+            launch(blocks(n, 2), 1, 256, [=] { steps_max_abs_f32(px, nn, po); });
             snprintf(w, 128, "max_abs n=%zu kind %d: got %g want %g", n, kind, __uint_as_float(out), want);
             chk(w, __uint_as_float(out) == want);
         }

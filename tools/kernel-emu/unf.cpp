@@ -9,7 +9,7 @@
 extern "C" void unfused_ce_rows_f32(float* S, float* G_lowp, int64_t rows, int64_t cols, int64_t ld, const float* pos_s, const int64_t* targets, int pos_kind, float alpha, const float* weights, float* loss_out, float* lse_out, float* dpos_out, float* dtau_acc, float inv_tau, int write_grad);
 extern "C" void unfused_pos_dot_f32(const float* x, const float* y, float* out, int64_t rows, int cols);
 extern "C" void unfused_row_axpy_f32(float* out, const float* x, const float* coef, float beta, int64_t rows, int cols);
-extern "C" void unfused_sum_scaled(const float* x, int64_t n, float c, float* out);
+extern "C" void steps_sum_scaled(const float* x, int64_t n, float c, float* out);
 typedef std::vector<float> V; typedef std::vector<double> VD;
 static double rel(const V& g, const VD& w) { double a = 0, b = 0; for (size_t i = 0; i < w.size(); ++i) { if (!std::isfinite(g[i])) return INFINITY; a += (g[i]-w[i])*(g[i]-w[i]); b += w[i]*w[i]; } return std::sqrt(a) / std::max(std::sqrt(b), 1e-6); }
 // S[r][c] = X_r · Y_c (f32 result of an f64 dot, as a well-rounded GEMM)
@@ -71,7 +71,7 @@ int main(int argc, char** argv) {
     if (red == 2) loss = losses; else {
         double f = red == 0 ? 1.0 / count : (mode == 3 ? 0.5 : 1.0);   // Upstream::One weights
         loss = V(1, NAN); float* o = loss.data(); const float* x = losses.data(); float ff = f; int64_t c = count;
-        launch(1, 1, 256, [=] { unfused_sum_scaled(x, c, ff, o); });
+        launch(1, 1, 256, [=] { steps_sum_scaled(x, c, ff, o); });
     }
     int bad = 0; double tol = 2e-5;
     auto chk = [&](const char* what, const V& g, const VD& e) { double r = rel(g, e); if (!(r <= tol)) { printf("FAIL %s %s rel %.3e got %g want %g\n", argv[1], what, r, g.empty() ? 0.0 : g[0], e.empty() ? 0.0 : e[0]); bad = 1; } };

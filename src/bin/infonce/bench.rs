@@ -3,7 +3,7 @@
 //!
 //! Every preset is first checked against the CPU reference on a small shape of the same mode (a
 //! fast wrong kernel is not a result); then the fused op (`cuda::evaluate_device`, kernel path
-//! Auto) and the unfused baseline (`cuda::unfused`) are timed with CUDA events: 3 warm-up calls,
+//! Auto) and the unfused baseline (`cuda::paths::unfused`) are timed with CUDA events: 3 warm-up calls,
 //! the median of `--repeat` (default 20) calls, input buffers rotated when they fit in L2.
 //! Without a GPU it says so on one line and times the CPU reference on a small shape.
 
@@ -15,7 +15,7 @@ use fused_infonce::cuda::bench::{
     measure_peaks, parse_torch_timings, pool_peak, preset_fits, time_device, Peaks, Preset,
     PresetInputs, Timing, TorchTiming, MIN_REPEAT, PRESETS,
 };
-use fused_infonce::cuda::unfused::{scratch_bytes, Unfused};
+use fused_infonce::cuda::paths::unfused::{scratch_bytes, Unfused};
 use fused_infonce::cuda::{
     self, DeviceElement, DeviceGrad, DeviceMatrix, DeviceOptions, DeviceOutput, Gpu,
 };
@@ -111,7 +111,7 @@ struct Row {
     /// Spread of the unfused timing (min, max).
     unfused_min_max_ms: Option<(f64, f64)>,
     unfused_extra_mem_bytes: Option<u64>,
-    /// The tensor-core kernels called directly (`cuda::fast::evaluate_device_tc`).
+    /// The tensor-core kernels called directly (`cuda::paths::tensor_core::evaluate`).
     tc_ms: Option<f64>,
     tc_min_max_ms: Option<(f64, f64)>,
     tc_speedup_vs_unfused: Option<f64>,
@@ -416,7 +416,7 @@ const CHECK_TOL: f64 = 2e-2;
 
 enum Which<'a> {
     Fused,
-    /// The tensor-core kernels called directly (`cuda::fast`), whatever Auto picks.
+    /// The tensor-core kernels called directly (`cuda::paths::tensor_core`), whatever Auto picks.
     Tc,
     Unfused(&'a Unfused),
 }
@@ -437,7 +437,7 @@ fn eval(
             &Upstream::One,
             &DeviceOptions::default(),
         ),
-        Which::Tc => fused_infonce::cuda::fast::evaluate_device_tc(
+        Which::Tc => fused_infonce::cuda::paths::tensor_core::evaluate(
             gpu,
             &spec,
             &inputs,

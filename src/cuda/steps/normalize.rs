@@ -1,14 +1,16 @@
 //! Row-wise L2 normalisation on the device (kernels/normalize.cu), forward and backward.
 //!
 //! `u = x / max(‖x‖₂, 1e-12)` with the per-row `inv_norm = 1 / max(‖x‖, ε)` kept for the backward
-//! `dx = (du − u (u·du)) · inv_norm`. The fused loss kernels normalise on the fly; these kernels are
-//! the standalone op (and the first kernel checked end to end against the CPU reference).
+//! `dx = (du − u (u·du)) · inv_norm`. The loss paths normalise every input into a copy first
+//! ([`normalize_inputs`]) and run the loss on the copies; the simple path's finish kernel chains
+//! the gradients back through `inv_norm` itself, the tensor-core path through
+//! [`normalize_rows_backward`].
 
 use cudarc::driver::{CudaSlice, LaunchConfig};
 
-use super::device::Gpu;
-use super::launch::{self, launch, Args};
-use super::matrix::{DeviceElement, DeviceMatrix};
+use crate::cuda::op::DeviceInputs;
+use crate::cuda::runtime::launch::{self, launch, Args};
+use crate::cuda::runtime::{DeviceElement, DeviceMatrix, Gpu};
 use crate::error::{Error, Result};
 
 const KERNEL: &str = "normalize";
@@ -139,4 +141,37 @@ pub fn normalize_rows_backward<T: DeviceElement>(
         .alloc_zeros::<f32>((x.rows() * x.cols()).max(1))?;
     normalize_rows_backward_into(gpu, x, inv_norm, du, &mut dx)?;
     Ok(dx)
+}
+
+/// Every input matrix of a problem normalised row-wise into a copy (in the input dtype, so the
+/// loss reads `u` rounded once), with each copy's inverse norms for the backward.
+#[derive(Debug)]
+pub struct NormalizedInputs<T: DeviceElement> {
+    /// The copies, in [`DeviceInputs::matrices`] order (the queue's whole ring).
+    pub copies: Vec<DeviceMatrix<T>>,
+    /// `inv_norm` of each copy's rows.
+    pub inv_norms: Vec<CudaSlice<f32>>,
+}
+
+impl<T: DeviceElement> NormalizedInputs<T> {
+    /// The problem of `raw` over the normalised copies (the ring view and targets kept).
+    pub fn inputs<'b>(&'b self, raw: &DeviceInputs<'b, T>) -> Result<DeviceInputs<'b, T>> {
+        let mats: Vec<&DeviceMatrix<T>> = self.copies.iter().collect();
+        raw.with_matrices(&mats)
+    }
+}
+
+/// Normalises every input matrix of `inputs` ([`normalize_rows`] each).
+pub fn normalize_inputs<T: DeviceElement>(
+    gpu: &Gpu,
+    inputs: &DeviceInputs<'_, T>,
+) -> Result<NormalizedInputs<T>> {
+    let (copies, inv_norms) = inputs
+        .matrices()
+        .into_iter()
+        .map(|(_, m)| normalize_rows(gpu, m))
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .unzip();
+    Ok(NormalizedInputs { copies, inv_norms })
 }

@@ -9,9 +9,10 @@
 //!   [`Args::read`] (a `const T*` parameter) or [`Args::write`] (`T*`): the launch then waits for
 //!   the work cudarc knows must come first (a write on another stream before a read; reads and
 //!   writes before a write) and records its own use once it has been queued, so that on an
-//!   engine's streams no output is read early and no input is freed too soon. Raw device
-//!   addresses exist only inside `Args` (and the structs and cuBLAS calls fed from
-//!   [`Args::read_ptr`] / [`Args::write_ptr`], whose guards the `Args` keeps).
+//!   engine's streams no output is read early and no input is freed too soon. A device address
+//!   leaves `Args` only as a [`Ptr`] ([`Args::read_ptr`] / [`Args::write_ptr`], for kernel
+//!   parameter structs and cuBLAS operands), whose buffer's guard the `Args` keeps; only the
+//!   runtime reads the number inside.
 
 use std::ffi::c_void;
 
@@ -19,6 +20,27 @@ use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, SyncOnDrop};
 
 use super::device::Gpu;
+
+/// A device address handed out by [`Args::read_ptr`] / [`Args::write_ptr`], valid while that
+/// `Args` (which holds the buffer's guard) is alive; [`Ptr::NULL`] is a null pointer. It is a
+/// kernel parameter as is (`#[repr(transparent)]` over the 64-bit address), for the fields of
+/// `#[repr(C)]` parameter structs; nothing outside the runtime can read or forge the number.
+#[repr(transparent)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ptr(u64);
+
+impl Ptr {
+    /// The null pointer (an absent optional buffer).
+    pub const NULL: Ptr = Ptr(0);
+
+    /// The address, for the runtime's own calls (cuBLAS).
+    pub(in crate::cuda::runtime) fn addr(self) -> u64 {
+        self.0
+    }
+}
+
+// SAFETY: a plain 64-bit integer, passed by value as a device pointer parameter.
+unsafe impl DeviceRepr for Ptr {}
 use crate::error::{Error, Result};
 
 /// Checks `cfg` against `gpu`'s limits (block size, grid size, shared memory) and returns it.
@@ -84,6 +106,19 @@ impl Param {
             Param::F32(v) => v as *mut f32 as *mut c_void,
             Param::Bytes(b) => b.as_mut_ptr() as *mut c_void,
         }
+    }
+}
+
+/// A grid-stride launch over `n` elements: blocks of 256 threads, enough to cover `n` but at
+/// most 16 per SM (the kernel loops over the rest).
+pub fn grid_stride(gpu: &Gpu, n: usize) -> LaunchConfig {
+    let blocks = n
+        .div_ceil(256)
+        .clamp(1, gpu.properties().sm_count.max(1) as usize * 16);
+    LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
     }
 }
 
@@ -159,18 +194,18 @@ impl<'a> Args<'a> {
         self
     }
     /// The address of element `offset` of a buffer the launch reads, keeping its guard.
-    pub fn read_ptr<T>(&mut self, buf: &'a CudaSlice<T>, offset: usize) -> Result<u64> {
+    pub fn read_ptr<T>(&mut self, buf: &'a CudaSlice<T>, offset: usize) -> Result<Ptr> {
         let off = offset_bytes::<T>(buf.len(), offset)?;
         let (p, g) = buf.device_ptr(self.gpu.stream());
         self.guards.push(g);
-        Ok(p + off)
+        Ok(Ptr(p + off))
     }
     /// The address of element `offset` of a buffer the launch writes, keeping its guard.
-    pub fn write_ptr<T>(&mut self, buf: &'a mut CudaSlice<T>, offset: usize) -> Result<u64> {
+    pub fn write_ptr<T>(&mut self, buf: &'a mut CudaSlice<T>, offset: usize) -> Result<Ptr> {
         let off = offset_bytes::<T>(buf.len(), offset)?;
         let (p, g) = buf.device_ptr_mut(self.gpu.stream());
         self.guards.push(g);
-        Ok(p + off)
+        Ok(Ptr(p + off))
     }
     /// A `const T*` parameter: the buffer, read.
     pub fn read<T>(&mut self, buf: &'a CudaSlice<T>) -> &mut Self {
@@ -181,7 +216,7 @@ impl<'a> Args<'a> {
     /// A `const T*` parameter at element `offset` of the buffer.
     pub fn read_at<T>(&mut self, buf: &'a CudaSlice<T>, offset: usize) -> Result<&mut Self> {
         let p = self.read_ptr(buf, offset)?;
-        Ok(self.u64(p))
+        Ok(self.u64(p.0))
     }
     /// A `const T*` parameter that may be absent (null).
     pub fn read_opt<T>(&mut self, buf: Option<&'a CudaSlice<T>>) -> &mut Self {
@@ -199,7 +234,7 @@ impl<'a> Args<'a> {
     /// A `T*` parameter at element `offset` of the buffer.
     pub fn write_at<T>(&mut self, buf: &'a mut CudaSlice<T>, offset: usize) -> Result<&mut Self> {
         let p = self.write_ptr(buf, offset)?;
-        Ok(self.u64(p))
+        Ok(self.u64(p.0))
     }
     /// A `T*` parameter that may be absent (null).
     pub fn write_opt<T>(&mut self, buf: Option<&'a mut CudaSlice<T>>) -> &mut Self {

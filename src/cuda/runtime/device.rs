@@ -94,7 +94,7 @@ fn properties(ctx: &Arc<CudaContext>) -> Result<DeviceProperties> {
     })
 }
 
-/// The process-wide handle on device 0 behind the host conveniences ([`super::evaluate`], the
+/// The process-wide handle on device 0 behind the host conveniences ([`crate::cuda::evaluate`], the
 /// training sweep's CUDA backend): opened on first use and kept, since a context and its loaded
 /// modules cost milliseconds to open and a host call per training step should not pay that. A
 /// failure is returned and not kept, so a later call tries again.
