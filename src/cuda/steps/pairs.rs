@@ -5,9 +5,10 @@
 
 use cudarc::driver::CudaSlice;
 
-use crate::cuda::op::DeviceInputs;
+use crate::cuda::op::{device_shape, DeviceInputs};
 use crate::cuda::runtime::{Args, DeviceElement, DeviceMatrix};
 use crate::error::{Error, Result};
+use crate::spec::LossSpec;
 
 /// Which key rows are an anchor's negatives (kernels/pairs.cuh, `SKIP_*`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,20 +61,10 @@ impl<'a, T: DeviceElement> PairSetArgs<'a, T> {
     }
 }
 
-fn dims(name: &'static str, m: &DeviceMatrix<impl DeviceElement>, cols: usize) -> Result<()> {
-    if m.cols() != cols {
-        return Err(Error::shape(
-            name,
-            format!("[{}, {}]", m.rows(), m.cols()),
-            format!("[_, {cols}] (D as in the anchors)"),
-        ));
-    }
-    Ok(())
-}
-
 /// Resolves `inputs` into the anchors and negatives of one side: the row anchors, or with
 /// `columns` the column anchors of symmetric mode (anchor `b_j` against every `a_i`, `i ≠ j`).
-/// Checks the shapes the kernels rely on.
+/// The shapes go through the crate's one check ([`device_shape`], for the inputs' mode), plus the
+/// kernels' own limit of fewer than 2^32 − 1 negatives.
 pub(crate) fn pair_set<'a, T: DeviceElement>(
     inputs: &DeviceInputs<'a, T>,
     columns: bool,
@@ -86,97 +77,34 @@ pub(crate) fn pair_set<'a, T: DeviceElement>(
             "only symmetric mode has column anchors",
         ));
     }
+    device_shape(&LossSpec::builder(inputs.mode()).build()?, inputs)?;
     let (anchors, keys, targets, start, len, skip) = match *inputs {
-        DeviceInputs::Queue {
+        DeviceInputs::Queue { query, queue, .. } => (
             query,
-            positive,
-            queue,
-        } => {
-            dims("positive", positive, query.cols())?;
-            if positive.rows() != query.rows() {
-                return Err(Error::shape(
-                    "positive",
-                    format!("[{}, {}]", positive.rows(), positive.cols()),
-                    format!("[{}, {}] (as query)", query.rows(), query.cols()),
-                ));
-            }
-            let cap = queue.keys.rows();
-            if queue.len > cap || (queue.len > 0 && queue.start >= cap) {
-                return Err(Error::shape(
-                    "queue",
-                    format!(
-                        "ring view start {} len {} of {cap} rows",
-                        queue.start, queue.len
-                    ),
-                    "start < capacity and len ≤ capacity",
-                ));
-            }
-            (
-                query,
-                queue.keys,
-                None,
-                queue.start,
-                queue.len,
-                SkipMode::None,
-            )
-        }
-        DeviceInputs::InBatch { embeddings } => {
-            if embeddings.rows() % 2 != 0 {
-                return Err(Error::shape(
-                    "embeddings",
-                    format!("[{}, {}]", embeddings.rows(), embeddings.cols()),
-                    "[2N, D] (an even number of rows)",
-                ));
-            }
-            (
-                embeddings,
-                embeddings,
-                None,
-                0,
-                embeddings.rows(),
-                SkipMode::InBatch,
-            )
-        }
+            queue.keys,
+            None,
+            queue.start,
+            queue.len,
+            SkipMode::None,
+        ),
+        DeviceInputs::InBatch { embeddings } => (
+            embeddings,
+            embeddings,
+            None,
+            0,
+            embeddings.rows(),
+            SkipMode::InBatch,
+        ),
         DeviceInputs::Cross {
             query,
             key,
             targets,
-        } => {
-            match targets {
-                Some(t) if t.len() < query.rows() => {
-                    return Err(Error::shape(
-                        "targets",
-                        format!("{} elements", t.len()),
-                        format!("{} (one per query row)", query.rows()),
-                    ))
-                }
-                None if key.rows() < query.rows() => {
-                    return Err(Error::shape(
-                        "key",
-                        format!("[{}, {}]", key.rows(), key.cols()),
-                        format!(
-                            "at least {} rows (identity targets need M ≥ N)",
-                            query.rows()
-                        ),
-                    ))
-                }
-                _ => {}
-            }
-            (query, key, targets, 0, key.rows(), SkipMode::Target)
-        }
+        } => (query, key, targets, 0, key.rows(), SkipMode::Target),
         DeviceInputs::Symmetric { query, key } => {
-            if key.rows() != query.rows() {
-                return Err(Error::shape(
-                    "key",
-                    format!("[{}, {}]", key.rows(), key.cols()),
-                    format!("[{}, {}] (as query)", query.rows(), query.cols()),
-                ));
-            }
             let (a, b) = if columns { (key, query) } else { (query, key) };
             (a, b, None, 0, b.rows(), SkipMode::Target)
         }
     };
-    dims("keys", keys, anchors.cols())?;
     let cols = i32::try_from(anchors.cols())
         .map_err(|_| Error::shape("anchors", format!("{} columns", anchors.cols()), "D < 2^31"))?;
     if len > u32::MAX as usize - 1 {

@@ -317,51 +317,17 @@ fn run_problem<T: DeviceElement>(
     dim: usize,
     with_grad: bool,
 ) -> Result<()> {
-    let n = prob.n_anchors;
-    let plan = plan_rows(n, prob.n_keys, gpu.properties().sm_count)?;
-    let parts = plan.chunks as usize * n;
-    let mut part_max = alloc_f32(gpu, parts)?;
-    let mut part_sum = alloc_f32(gpu, parts)?;
-    let mut part_pz = alloc_f32(gpu, parts)?;
-    let mut part_acc = with_grad.then(|| alloc_f32(gpu, parts * dim)).transpose()?;
-    let mut dpos = alloc_f32(gpu, n)?;
-    let mut scale = alloc_f32(gpu, n)?;
-
+    let plan = plan_rows(prob.n_anchors, prob.n_keys, gpu.properties().sm_count)?;
+    let mut parts = Partials::new(gpu, &plan, prob.n_anchors, dim, with_grad)?;
     // The struct's device pointers, with their guards: held until the three launches are queued.
     let mut bufs = Args::new(gpu);
-    let opt = |p: Option<Result<Ptr>>| p.unwrap_or(Ok(Ptr::NULL));
     let mut p = *base;
-    p.x = bufs.read_ptr(prob.x, 0)?;
-    p.y = bufs.read_ptr(prob.y, 0)?;
-    p.pos = opt(prob.pos.map(|s| bufs.read_ptr(s, 0)))?;
-    p.targets = opt(prob.targets.map(|s| bufs.read_ptr(s, 0)))?;
-    p.s_threshold = opt(prob.s_threshold.map(|s| bufs.read_ptr(s, 0)))?;
-    p.weights = bufs.read_ptr(&work.weights, prob.offset)?;
-    p.part_max = bufs.write_ptr(&mut part_max, 0)?;
-    p.part_sum = bufs.write_ptr(&mut part_sum, 0)?;
-    p.part_pz = bufs.write_ptr(&mut part_pz, 0)?;
-    p.part_acc = opt(part_acc.as_mut().map(|s| bufs.write_ptr(s, 0)))?;
-    p.loss = bufs.write_ptr(&mut work.losses, prob.offset)?;
-    p.lse = if base.variant == VARIANT_SIMPLE {
-        Ptr::NULL
-    } else {
-        bufs.write_ptr(&mut work.lse[lse_index], 0)?
+    let ptrs = Pointers {
+        lse: (base.variant != VARIANT_SIMPLE).then_some(lse_index),
+        with_grad,
     };
-    p.dtau = opt(work.dtau.as_mut().map(|s| bufs.write_ptr(s, prob.offset)))?;
-    p.dpos = bufs.write_ptr(&mut dpos, 0)?;
-    p.scale = bufs.write_ptr(&mut scale, 0)?;
-    if with_grad {
-        let g: Vec<Ptr> = work
-            .grads
-            .iter_mut()
-            .map(|s| bufs.write_ptr(s, 0))
-            .collect::<Result<_>>()?;
-        let at = |i: Option<usize>| i.map_or(Ptr::NULL, |i| g[i]);
-        p.grad_x = at(prob.grad_x);
-        p.grad_y = at(prob.grad_y);
-        p.grad_pos = at(prob.grad_pos);
-    }
-    p.n_anchors = n as i64;
+    ptrs.fill(&mut p, &mut bufs, prob, work, &mut parts)?;
+    p.n_anchors = prob.n_anchors as i64;
     p.n_keys = prob.n_keys as i64;
     p.y_start = prob.y_start as i64;
     p.y_cap = prob.y_cap as i64;
@@ -384,7 +350,8 @@ fn run_problem<T: DeviceElement>(
     // [0, n_keys), weights, losses, dτ (from `offset`), lse, dpos, scale and s_threshold
     // n_anchors floats, the partials chunks × n_anchors (× dim for part_acc) floats,
     // grad_x/grad_pos n_anchors × dim and grad_y n_keys × dim floats (checked by device_shape and
-    // the allocations of `Work::new`); THREADS-thread blocks as the kernels assume.
+    // the allocations of `Work::new` and `Partials::new`); THREADS-thread blocks as the kernels
+    // assume.
     unsafe {
         launch(
             gpu,
@@ -399,7 +366,7 @@ fn run_problem<T: DeviceElement>(
             "infonce_merge",
             MODULE,
             &format!("infonce_merge_{dt}"),
-            merge_config(n)?,
+            merge_config(prob.n_anchors)?,
             params(p),
         )?;
         if with_grad && prob.grad_y.is_some() && prob.n_keys > 0 {
@@ -415,6 +382,82 @@ fn run_problem<T: DeviceElement>(
     }
     drop(bufs);
     Ok(())
+}
+
+/// One problem's scratch: the row pass's per-chunk partials (max, sum, the positive's term and,
+/// with gradients, the anchor-side accumulator) and the merge's per-anchor `dpos` and scale.
+struct Partials {
+    max: CudaSlice<f32>,
+    sum: CudaSlice<f32>,
+    pz: CudaSlice<f32>,
+    acc: Option<CudaSlice<f32>>,
+    dpos: CudaSlice<f32>,
+    scale: CudaSlice<f32>,
+}
+
+impl Partials {
+    fn new(gpu: &Gpu, plan: &RowsPlan, n: usize, dim: usize, with_grad: bool) -> Result<Self> {
+        let parts = plan.chunks as usize * n;
+        Ok(Partials {
+            max: alloc_f32(gpu, parts)?,
+            sum: alloc_f32(gpu, parts)?,
+            pz: alloc_f32(gpu, parts)?,
+            acc: with_grad.then(|| alloc_f32(gpu, parts * dim)).transpose()?,
+            dpos: alloc_f32(gpu, n)?,
+            scale: alloc_f32(gpu, n)?,
+        })
+    }
+}
+
+/// Which of the shared buffers a problem's kernels write: its LSE slot (none for the simple
+/// variant) and whether gradients are on.
+struct Pointers {
+    lse: Option<usize>,
+    with_grad: bool,
+}
+
+impl Pointers {
+    /// Sets every pointer field of `p` from `bufs`, which keeps the buffers' guards.
+    fn fill<'a, T: DeviceElement>(
+        &self,
+        p: &mut InfonceParams,
+        bufs: &mut Args<'a>,
+        prob: &'a Problem<'a, T>,
+        work: &'a mut Work,
+        parts: &'a mut Partials,
+    ) -> Result<()> {
+        let opt = |r: Option<Result<Ptr>>| r.unwrap_or(Ok(Ptr::NULL));
+        p.x = bufs.read_ptr(prob.x, 0)?;
+        p.y = bufs.read_ptr(prob.y, 0)?;
+        p.pos = opt(prob.pos.map(|s| bufs.read_ptr(s, 0)))?;
+        p.targets = opt(prob.targets.map(|s| bufs.read_ptr(s, 0)))?;
+        p.s_threshold = opt(prob.s_threshold.map(|s| bufs.read_ptr(s, 0)))?;
+        p.weights = bufs.read_ptr(&work.weights, prob.offset)?;
+        p.part_max = bufs.write_ptr(&mut parts.max, 0)?;
+        p.part_sum = bufs.write_ptr(&mut parts.sum, 0)?;
+        p.part_pz = bufs.write_ptr(&mut parts.pz, 0)?;
+        p.part_acc = opt(parts.acc.as_mut().map(|s| bufs.write_ptr(s, 0)))?;
+        p.dpos = bufs.write_ptr(&mut parts.dpos, 0)?;
+        p.scale = bufs.write_ptr(&mut parts.scale, 0)?;
+        p.loss = bufs.write_ptr(&mut work.losses, prob.offset)?;
+        p.lse = match self.lse {
+            Some(i) => bufs.write_ptr(&mut work.lse[i], 0)?,
+            None => Ptr::NULL,
+        };
+        p.dtau = opt(work.dtau.as_mut().map(|s| bufs.write_ptr(s, prob.offset)))?;
+        if self.with_grad {
+            let g: Vec<Ptr> = work
+                .grads
+                .iter_mut()
+                .map(|s| bufs.write_ptr(s, 0))
+                .collect::<Result<_>>()?;
+            let at = |i: Option<usize>| i.map_or(Ptr::NULL, |i| g[i]);
+            p.grad_x = at(prob.grad_x);
+            p.grad_y = at(prob.grad_y);
+            p.grad_pos = at(prob.grad_pos);
+        }
+        Ok(())
+    }
 }
 
 /// Pass 5: the loss (the per-anchor losses themselves for `none`, else their mean or sum) and
