@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use cudarc::driver::sys::CUevent_flags;
-use fused_infonce::cuda::bench::{preset_fits, PresetInputs, PRESETS};
+use fused_infonce::bench::PRESETS;
+use fused_infonce::cuda::bench::{preset_fits, PresetInputs};
 use fused_infonce::cuda::paths::unfused::Unfused;
 use fused_infonce::cuda::{self, gpu_or_skip, DeviceOptions, Gpu};
 use fused_infonce::{cpu, Element, LossInputs, MatRef, Upstream};

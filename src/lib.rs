@@ -27,6 +27,7 @@
 
 #![warn(missing_docs)]
 
+pub mod bench;
 pub mod cpu;
 pub mod cuda;
 pub mod data;
@@ -34,6 +35,7 @@ pub mod error;
 pub mod io;
 pub mod loss;
 pub mod metrics;
+pub mod progress;
 pub mod spec;
 pub mod tensor;
 pub mod train;
