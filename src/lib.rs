@@ -37,6 +37,7 @@ pub mod loss;
 pub mod metrics;
 pub mod progress;
 pub mod spec;
+pub mod sweep;
 pub mod tensor;
 pub mod train;
 
