@@ -1,6 +1,6 @@
 //! The GPU benchmarks (`infonce bench`, `benches/`), following spec/performance.md: a preset's
 //! inputs generated on the device, CUDA-event timing after warm-up, the card's bf16 GEMM and copy
-//! peaks measured in the same run, the pool's peak memory; [`run`] times the presets (the
+//! peaks measured in the same run, the pool's peak memory; [`run()`] times the presets (the
 //! presets themselves, the report and its rows are [`crate::bench`]'s).
 
 use cudarc::cublas::sys::{cublasComputeType_t, cublasOperation_t, cudaDataType};
