@@ -445,31 +445,79 @@ fn nan_input_propagates_into_the_loss_without_panic() {
 #[test]
 fn infinite_input_does_not_panic() {
     let mut r = common::rng(32);
-    let mut case = Case::queue(&mut r, 2, 3, 2);
+    let mut case = Case::queue(&mut r, 4, 3, 2);
+    // Queries with a first component of each sign, so the poisoned queue row [inf, x] has
+    // similarity +inf with some anchors and −inf with others.
+    case.mats[0].data[0] = 0.7;
+    case.mats[0].data[2] = -0.4;
+    case.mats[0].data[4] = 0.1;
+    case.mats[0].data[6] = -0.9;
+    let clean_rest = {
+        let mut c = case.clone();
+        c.mats[2].data.drain(0..2);
+        c.mats[2].rows -= 1;
+        c
+    };
     poison(&mut case, f64::INFINITY);
-    for normalize in [false, true] {
-        for variant in [
-            Variant::Standard,
-            Variant::Hard { k: 1 },
-            Variant::Simple {
-                lambda: None,
-                hard_k: None,
-            },
-        ] {
-            let spec = LossSpec::queue()
+    let signs: Vec<f64> = (0..4).map(|i| case.mats[0].data[2 * i]).collect();
+    let per_anchor = |out: &fused_infonce::LossOutput| match &out.loss {
+        fused_infonce::LossValue::PerAnchor(v) => v.clone(),
+        other => panic!("per-anchor losses expected, got {other:?}"),
+    };
+    for variant in [
+        Variant::Standard,
+        Variant::Hard { k: 1 },
+        Variant::Simple {
+            lambda: None,
+            hard_k: None,
+        },
+    ] {
+        // Normalised, the row [inf, x] is not a direction: every loss reading it is NaN.
+        let spec = |normalize: bool| {
+            LossSpec::queue()
                 .temperature(0.1)
                 .normalize(normalize)
                 .variant(variant)
+                .reduction(Reduction::None)
                 .grad_queue(true)
                 .build()
-                .expect("spec");
-            let out = case.evaluate(&spec, &Upstream::One).expect("evaluate");
-            // The row [inf, x] is not a direction: normalised, it is NaN; raw, its similarities are
-            // ±inf. Either way the loss is not a finite number.
-            let loss = out.loss.scalar().expect("scalar");
+                .expect("spec")
+        };
+        let out = case
+            .evaluate(&spec(true), &Upstream::PerAnchor(vec![1.0; 4]))
+            .expect("evaluate");
+        assert!(
+            per_anchor(&out).iter().all(|l| l.is_nan()),
+            "{variant:?} normalised: {:?}",
+            per_anchor(&out)
+        );
+        // Raw: the row's similarity is sign(q_i0)·inf. A +inf negative makes the standard and
+        // hard:1 losses +inf; a −inf one weighs exp(−inf) = 0, so the loss is the loss without
+        // that row. The simple loss adds λ·s: ±inf.
+        let out = case
+            .evaluate(&spec(false), &Upstream::PerAnchor(vec![1.0; 4]))
+            .expect("evaluate");
+        let got = per_anchor(&out);
+        let rest = per_anchor(
+            &clean_rest
+                .evaluate(&spec(false), &Upstream::PerAnchor(vec![1.0; 4]))
+                .expect("evaluate"),
+        );
+        for (i, (&l, &sign)) in got.iter().zip(&signs).enumerate() {
+            let want = match (variant, sign > 0.0) {
+                (Variant::Simple { .. }, true) => f64::INFINITY,
+                (Variant::Simple { .. }, false) => f64::NEG_INFINITY,
+                (_, true) => f64::INFINITY,
+                (_, false) => rest[i],
+            };
+            let ok = if want.is_finite() {
+                (l - want).abs() <= 1e-12 * want.abs().max(1.0)
+            } else {
+                l == want
+            };
             assert!(
-                !loss.is_finite() || !normalize,
-                "{variant:?} normalize {normalize}: {loss}"
+                ok,
+                "{variant:?} raw, anchor {i} (q_i0 = {sign}): loss {l}, want {want}"
             );
         }
     }

@@ -372,3 +372,55 @@ fn dystress_detach_is_full_minus_the_tau_prime_term() {
         assert!(e < 1e-5, "{}: full − detach off by {e:e}", t.name);
     }
 }
+
+/// The normalisation's clamped branch (‖x‖ ≤ ε, where `u = x/ε` is linear and the gradient is
+/// `du/ε`, as PyTorch's): a query row and a queue row of norm 5e-13 < ε = 1e-12, the loss's
+/// gradients with respect to them against central differences of the loss itself (steps of
+/// 1e-15 stay inside the clamped region).
+#[test]
+fn clamped_normalisation_gradient_matches_finite_differences() {
+    let mut r = common::rng(77);
+    let mut case = Case::queue(&mut r, 3, 4, 5);
+    for (m, row) in [(0usize, 1usize), (2, 2)] {
+        let d = case.mats[m].cols;
+        let x = &mut case.mats[m].data[row * d..(row + 1) * d];
+        let norm = x.iter().map(|v| v * v).sum::<f64>().sqrt();
+        x.iter_mut().for_each(|v| *v *= 5e-13 / norm);
+    }
+    let spec = fused_infonce::LossSpec::queue()
+        .temperature(0.2)
+        .normalize(true)
+        .grad_queue(true)
+        .build()
+        .expect("spec");
+    let out = case.evaluate(&spec, &Upstream::One).expect("evaluate");
+    let loss = |c: &Case| {
+        c.evaluate(&spec, &Upstream::One)
+            .expect("evaluate")
+            .loss
+            .scalar()
+            .expect("scalar")
+    };
+    let h = 1e-15;
+    for (m, row, name) in [(0usize, 1usize, "query"), (2, 2, "queue")] {
+        let d = case.mats[m].cols;
+        let got = &out.grad(name).expect("gradient").data[row * d..(row + 1) * d];
+        // The clamped gradient is du/ε: about 1e12 times an ordinary row's.
+        assert!(
+            got.iter().map(|g| g.abs()).fold(0.0, f64::max) > 1e9,
+            "{name} row {row}: {got:?} is not the clamped branch's du/ε"
+        );
+        for k in 0..d {
+            let (mut plus, mut minus) = (case.clone(), case.clone());
+            plus.mats[m].data[row * d + k] += h;
+            minus.mats[m].data[row * d + k] -= h;
+            let fd = (loss(&plus) - loss(&minus)) / (2.0 * h);
+            let e = (fd - got[k]).abs() / got[k].abs().max(1e6);
+            assert!(
+                e < 1e-5,
+                "{name} row {row} col {k}: fd {fd:e} vs {:e}",
+                got[k]
+            );
+        }
+    }
+}

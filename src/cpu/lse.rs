@@ -71,9 +71,18 @@ impl LsePartial {
         } else {
             self.max
         };
+        // The side that holds the max keeps its sum as is: exp(max − m) would be exp(∞ − ∞) = NaN
+        // for an infinite max (a +∞ logit's LSE is +∞, as torch.logsumexp gives).
+        let scale = |p: &LsePartial| {
+            if p.max == m {
+                p.sum
+            } else {
+                p.sum * (p.max - m).exp()
+            }
+        };
         LsePartial {
             max: m,
-            sum: self.sum * (self.max - m).exp() + other.sum * (other.max - m).exp(),
+            sum: scale(&self) + scale(&other),
         }
     }
 
@@ -94,6 +103,19 @@ pub fn lse(values: &[f64]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_infinite_value_gives_an_infinite_lse_in_any_grouping() {
+        // torch.logsumexp([1, +inf, 2]) = +inf, however the set is chunked.
+        let xs = [1.0, f64::INFINITY, 2.0];
+        assert_eq!(LsePartial::of(&xs).lse(), f64::INFINITY);
+        for split in 0..=3 {
+            let merged = LsePartial::of(&xs[..split]).merge(LsePartial::of(&xs[split..]));
+            assert_eq!(merged.lse(), f64::INFINITY, "split at {split}");
+        }
+        let both = LsePartial::of(&[f64::INFINITY]).merge(LsePartial::of(&[f64::INFINITY, 0.0]));
+        assert_eq!(both.lse(), f64::INFINITY);
+    }
     use rand::{Rng, SeedableRng};
 
     #[test]

@@ -90,6 +90,34 @@ mod tests {
     }
 
     #[test]
+    fn clamped_row_backward_is_du_over_eps() {
+        // ‖x‖ = 5e-13 < ε: u = x/ε (linear), so the gradient of u·du is du/ε, exactly.
+        let x = [3e-13, -4e-13];
+        let (u, inv) = normalize_row(&x);
+        assert_eq!(inv, 1.0 / NORM_EPS);
+        assert!((u[0] - 0.3).abs() < 1e-15 && (u[1] + 0.4).abs() < 1e-15);
+        let du = [0.25, -1.5];
+        let dx = normalize_row_backward(&u, inv, &du);
+        assert_eq!(dx, vec![0.25 / NORM_EPS, -1.5 / NORM_EPS]);
+        // And it is the derivative: u·du changes by du·h/ε for a step h inside the region.
+        let h = 1e-16;
+        for k in 0..2 {
+            let f = |d: f64| {
+                let mut y = x;
+                y[k] += d;
+                let (uu, _) = normalize_row(&y);
+                uu.iter().zip(&du).map(|(a, b)| a * b).sum::<f64>()
+            };
+            let fd = (f(h) - f(-h)) / (2.0 * h);
+            assert!(
+                (fd - dx[k]).abs() < 1e-6 * dx[k].abs(),
+                "k={k}: fd {fd} vs {}",
+                dx[k]
+            );
+        }
+    }
+
+    #[test]
     fn backward_matches_finite_differences() {
         let x = [0.3, -1.2, 0.7, 2.1, -0.4];
         let du = [0.5, 0.1, -0.8, 0.3, 1.1];
