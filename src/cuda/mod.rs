@@ -9,6 +9,8 @@
 //!   reduction, dtype conversions);
 //! - [`runtime`]: the device, embedded modules, device matrices, the launch layer, cuBLAS and the
 //!   emulated device;
+//! - [`raw`]: the op over raw device pointers and a raw `CUstream` (engines on another cudarc or
+//!   in another language);
 //! - [`queue`] (MoCo's ring buffer), [`metrics`] (the GPU metric kernels), [`mod@bench`] (presets and
 //!   timing).
 //!
@@ -20,6 +22,7 @@ pub mod metrics;
 pub mod op;
 pub mod paths;
 pub mod queue;
+pub mod raw;
 pub mod runtime;
 pub mod steps;
 

@@ -1145,6 +1145,21 @@ EXPORT CUresult cuStreamDestroy(CUstream h) {
     return CUDA_SUCCESS;
 }
 
+EXPORT CUresult cuStreamGetCtx(CUstream h, CUcontext* out) {
+    Lock l(g_mutex);
+    Ctx* ctx;
+    if (CUresult r = enter(&ctx)) return r;
+    if (!out) return CUDA_ERROR_INVALID_VALUE;
+    Stream* s = stream_of(ctx, h);
+    if (!s) return fail(CUDA_ERROR_INVALID_HANDLE, "cuStreamGetCtx: invalid stream");
+    *out = reinterpret_cast<CUcontext>(s->ctx);
+    return CUDA_SUCCESS;
+}
+EXPORT CUresult cuStreamGetCtx_v2(CUstream h, CUcontext* out, CUgreenCtx* green) {
+    if (green) *green = nullptr;
+    return cuStreamGetCtx(h, out);
+}
+
 EXPORT CUresult cuStreamSynchronize(CUstream h) {
     Lock l(g_mutex);
     Ctx* ctx;

@@ -76,7 +76,28 @@ pub fn list_devices() -> Result<Vec<DeviceProperties>> {
 /// The phrase the emulated device's name carries (tools/emulated-cuda/driver.cpp).
 const EMULATED_NAME: &str = "fused-infonce emulated device";
 
+/// The properties of `ctx`'s device: read once per device ordinal and kept (they do not change
+/// while the process runs), so wrapping an engine's stream per call stays cheap.
 fn properties(ctx: &Arc<CudaContext>) -> Result<DeviceProperties> {
+    static CACHE: Mutex<Vec<DeviceProperties>> = Mutex::new(Vec::new());
+    let ordinal = ctx.ordinal();
+    if let Some(p) = CACHE
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .find(|p| p.ordinal == ordinal)
+    {
+        return Ok(p.clone());
+    }
+    let p = read_properties(ctx)?;
+    CACHE
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(p.clone());
+    Ok(p)
+}
+
+fn read_properties(ctx: &Arc<CudaContext>) -> Result<DeviceProperties> {
     let attr = |a: Attr| -> Result<u32> { Ok(ctx.attribute(a)?.max(0) as u32) };
     let name = ctx.name()?;
     Ok(DeviceProperties {
