@@ -36,6 +36,7 @@ pub mod io;
 pub mod loss;
 pub mod metrics;
 pub mod progress;
+pub mod queue;
 pub mod spec;
 pub mod sweep;
 pub mod tensor;

@@ -23,6 +23,7 @@ use crate::data::{augment, gaussian, normalize_in_place, stack, unstack, Cluster
 use crate::error::{Error, Result};
 use crate::loss::{LossInputs, LossOutput, Upstream};
 use crate::metrics;
+use crate::queue::HostQueue;
 use crate::spec::{LossSpec, Temperature};
 use crate::tensor::{MatRef, Matrix};
 use rand::rngs::StdRng;
@@ -387,13 +388,17 @@ pub fn train(
     let mut order: Vec<usize> = (0..n).collect();
 
     // Queue mode: a FIFO of detached, normalised positives, filled from random samples.
-    let mut queue = Matrix::zeros(0, config.out_dim);
-    let mut queue_head = 0usize;
-    if let TrainMode::Queue { size } = config.mode {
-        let idx: Vec<usize> = (0..size).map(|i| i % n).collect();
-        let v = augment(&select(&set.x, &idx), config.noise, &mut rng);
-        queue = embed(&v, &w);
-    }
+    let mut queue = match config.mode {
+        TrainMode::Queue { size } => {
+            let idx: Vec<usize> = (0..size).map(|i| i % n).collect();
+            let v = augment(&select(&set.x, &idx), config.noise, &mut rng);
+            let fill = embed(&v, &w);
+            let mut q = HostQueue::new(size, config.out_dim)?;
+            q.enqueue(&MatRef::new("queue", &fill.data, fill.rows, fill.cols)?)?;
+            Some(q)
+        }
+        TrainMode::InBatch => None,
+    };
 
     let mut curve = Vec::with_capacity(config.steps);
     for step in 0..config.steps {
@@ -422,10 +427,13 @@ pub fn train(
                 out.loss.scalar().unwrap_or(f64::NAN)
             }
             TrainMode::Queue { .. } => {
+                let queue = queue
+                    .as_mut()
+                    .ok_or_else(|| Error::Unsupported("queue mode without a queue".into()))?;
                 let inputs = LossInputs::Queue {
                     query: MatRef::new("query", &ya.data, ya.rows, ya.cols)?,
                     positive: MatRef::new("positive", &yp.data, yp.rows, yp.cols)?,
-                    queue: MatRef::new("queue", &queue.data, queue.rows, queue.cols)?,
+                    queue: queue.keys(),
                 };
                 let out = config
                     .backend
@@ -439,11 +447,7 @@ pub fn train(
                 // Enqueue this batch's positives (detached), dropping the oldest.
                 let mut up = yp.clone();
                 normalize_in_place(&mut up);
-                for i in 0..up.rows {
-                    let k = queue_head % queue.rows;
-                    queue.row_mut(k).copy_from_slice(up.row(i));
-                    queue_head += 1;
-                }
+                queue.enqueue(&MatRef::new("positive", &up.data, up.rows, up.cols)?)?;
                 out.loss.scalar().unwrap_or(f64::NAN)
             }
         };

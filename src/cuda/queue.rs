@@ -13,52 +13,7 @@ use super::op::QueueView;
 use super::runtime::Gpu;
 use super::runtime::{DeviceElement, DeviceMatrix};
 use crate::error::{Error, Result};
-
-/// One device copy of an enqueue: `rows` rows from batch row `src` to ring row `dst`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Segment {
-    /// First ring row written.
-    pub dst: usize,
-    /// First batch row read.
-    pub src: usize,
-    /// Number of rows.
-    pub rows: usize,
-}
-
-/// The ring arithmetic of an enqueue of `batch` rows into a ring of `capacity` rows holding `len`
-/// rows from `start`: the (at most two) copies, and the new `(start, len)`.
-///
-/// A batch larger than the ring keeps its last `capacity` rows (the newest). The oldest rows are
-/// overwritten first, as MoCo's FIFO queue does.
-pub fn enqueue_plan(
-    capacity: usize,
-    start: usize,
-    len: usize,
-    batch: usize,
-) -> (Vec<Segment>, usize, usize) {
-    if capacity == 0 || batch == 0 {
-        return (Vec::new(), start, len);
-    }
-    let skip = batch.saturating_sub(capacity);
-    let b = batch - skip;
-    let write = (start + len) % capacity;
-    let first = b.min(capacity - write);
-    let mut segs = vec![Segment {
-        dst: write,
-        src: skip,
-        rows: first,
-    }];
-    if first < b {
-        segs.push(Segment {
-            dst: 0,
-            src: skip + first,
-            rows: b - first,
-        });
-    }
-    let new_len = (len + b).min(capacity);
-    let new_start = (start + len + b - new_len) % capacity;
-    (segs, new_start, new_len)
-}
+use crate::queue::enqueue_plan;
 
 /// A FIFO queue of up to `capacity` keys of dimension `D` in device memory (a ring buffer).
 ///
@@ -148,84 +103,5 @@ impl<T: DeviceElement> NegativeQueue<T> {
     /// The ring storage (`capacity × D`).
     pub fn storage(&self) -> &DeviceMatrix<T> {
         &self.keys
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A host model of the queue: the logical contents after each enqueue.
-    fn simulate(capacity: usize, batches: &[usize]) {
-        let mut ring = vec![usize::MAX; capacity];
-        let (mut start, mut len) = (0, 0);
-        let mut model: Vec<usize> = Vec::new();
-        let mut next = 0usize;
-        for &b in batches {
-            let batch: Vec<usize> = (next..next + b).collect();
-            next += b;
-            let (segs, s, l) = enqueue_plan(capacity, start, len, b);
-            for seg in &segs {
-                assert!(seg.dst + seg.rows <= capacity);
-                assert!(seg.src + seg.rows <= b);
-                ring[seg.dst..seg.dst + seg.rows]
-                    .copy_from_slice(&batch[seg.src..seg.src + seg.rows]);
-            }
-            assert!(segs.len() <= 2);
-            (start, len) = (s, l);
-            model.extend(&batch);
-            let keep = model.len().saturating_sub(capacity);
-            model.drain(..keep);
-            assert_eq!(len, model.len());
-            let got: Vec<usize> = (0..len).map(|j| ring[(start + j) % capacity]).collect();
-            assert_eq!(got, model, "capacity {capacity} batches {batches:?}");
-        }
-    }
-
-    #[test]
-    fn enqueue_matches_a_fifo() {
-        simulate(8, &[3, 3, 3, 3, 5, 1, 8, 2]);
-        simulate(5, &[7, 1, 4, 0, 5, 6]);
-        simulate(1, &[1, 2, 1]);
-        simulate(16, &[16, 16, 15, 1, 17]);
-    }
-
-    #[test]
-    fn empty_ring_is_a_no_op() {
-        assert_eq!(enqueue_plan(0, 0, 0, 5), (Vec::new(), 0, 0));
-        assert_eq!(enqueue_plan(4, 1, 2, 0), (Vec::new(), 1, 2));
-    }
-
-    #[test]
-    fn wrap_gives_two_segments() {
-        let (segs, start, len) = enqueue_plan(8, 6, 2, 4);
-        assert_eq!(
-            segs,
-            vec![Segment {
-                dst: 0,
-                src: 0,
-                rows: 4
-            }]
-        );
-        assert_eq!((start, len), (6, 6));
-        let (segs, start, len) = enqueue_plan(8, 2, 4, 4);
-        assert_eq!(segs.len(), 2);
-        assert_eq!(
-            segs[0],
-            Segment {
-                dst: 6,
-                src: 0,
-                rows: 2
-            }
-        );
-        assert_eq!(
-            segs[1],
-            Segment {
-                dst: 0,
-                src: 2,
-                rows: 2
-            }
-        );
-        assert_eq!((start, len), (2, 8));
     }
 }
