@@ -14,12 +14,15 @@
 //! ([`gemm`](self) module), then the temperature, the mask (positive, self, hard negatives), the
 //! online log-sum-exp and the gradient weights are computed while the tile is in cache, with a
 //! vectorised `exp`. Nothing N×K is ever stored:
-//! - `queue`, `cross`, `inbatch`: one forward sweep per anchor block over the key blocks computes
-//!   the LSE and, beside it, the softmax-weighted key sum (rescaled when the running max moves, as
-//!   flash-attention does), so the loss, `lse` and the anchor gradient cost two block products per
-//!   tile and one read of the keys (`queue` is done in this one pass); the key gradients (`cross`,
-//!   `inbatch`, `grad_queue`) come from a second sweep per key block that recomputes `S` from the
+//! - `queue`, `cross`: one forward sweep per anchor block over the key blocks computes the LSE
+//!   and, beside it, the softmax-weighted key sum (rescaled when the running max moves, as
+//!   flash-attention does), so the loss, `lse` and the anchor gradient cost two block products
+//!   per tile and one read of the keys (`queue` is done in this one pass); the key gradients
+//!   (`cross`, `grad_queue`) come from a second sweep per key block that recomputes `S` from the
 //!   stored per-anchor LSE (two more products). See `pair.rs`.
+//! - `inbatch`: `S = E·Eᵀ` is symmetric, so each unordered pair of blocks is one tile serving the
+//!   anchors of both (its rows and its columns): a forward pass (LSEs) and a backward pass
+//!   (`dE += H·E` both ways), half the products of a row-by-row schedule. See `inbatch.rs`.
 //! - `symmetric`: a forward pass (row and column LSEs from the same tiles) and a backward pass
 //!   (`dA += G·B`, `dB += Gᵀ·A`), each in conflict-free rounds of tiles. See `symmetric.rs`.
 //! - `hard:k`: an exact radix select of each anchor's k-th largest negative similarity (four 8-bit
@@ -48,6 +51,7 @@
 
 mod anchor;
 mod gemm;
+mod inbatch;
 mod kernels;
 mod pair;
 mod simd;
@@ -62,6 +66,7 @@ use crate::loss::{Gradient, LossInputs, LossOutput, LossValue, Upstream};
 use crate::spec::{LossSpec, Reduction, Temperature, Variant};
 use crate::tensor::{Element, Matrix};
 use anchor::{Fin, LossCtx};
+use inbatch::InBatchProblem;
 use kernels::{Kind, Pos, RowLoss};
 use pair::PairProblem;
 use source::Source;
@@ -209,14 +214,14 @@ pub fn evaluate_blocked<T: Element>(
                 self_excluded: true,
                 thr: None,
             };
-            let mut prob = PairProblem::new(&e, &e, loss, ctx, blocking);
+            let mut prob = InBatchProblem::new(&e, loss, ctx, blocking.anchors);
             if let Some(k) = hard_k {
-                prob.loss.thr = Some(pair::thresholds(&prob, k, shape.negatives));
+                prob.loss.thr = Some(prob.thresholds(k, shape.negatives));
             }
-            let fwd = pair::forward(&prob, true, None);
-            let fin = pair::finalize_all(&fwd.merged, &weights, &ctx);
-            let mut de = anchor_grads(&fwd.u, &fin, d, |a| e.row_f32((a + half) % n2));
-            pair::key_gradients(&prob, &fin, &mut de);
+            let merged = prob.forward();
+            let fin = pair::finalize_all(&merged, &weights, &ctx);
+            let mut de = vec![0.0; n2 * d];
+            prob.backward(&fin, &mut de);
             grads.push(chain(&e, de));
             (fin, None)
         }

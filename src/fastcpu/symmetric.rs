@@ -90,7 +90,7 @@ fn wave<SA: Send, SB: Send>(
 }
 
 /// `t (cols × rows) = sᵀ` for a row-major `rows × cols` tile.
-fn transpose(s: &[f32], rows: usize, cols: usize, t: &mut [f32]) {
+pub(crate) fn transpose(s: &[f32], rows: usize, cols: usize, t: &mut [f32]) {
     const B: usize = 16;
     for r0 in (0..rows).step_by(B) {
         for c0 in (0..cols).step_by(B) {
