@@ -640,3 +640,54 @@ fn bitwise_identical_for_any_thread_count() {
         }
     }
 }
+
+/// The unfused baseline against the reference: every mode, fixed and learnable τ, every
+/// reduction, f32 and bf16 inputs (converted once); and what it does not support is refused.
+#[test]
+fn unfused_baseline_matches_the_reference() {
+    for mode in [Mode::Queue, Mode::InBatch, Mode::Cross, Mode::Symmetric] {
+        for (ti, t) in [Temperature::Fixed(0.1), Temperature::Learnable(0.07)]
+            .into_iter()
+            .enumerate()
+        {
+            for r in [Reduction::Mean, Reduction::Sum, Reduction::None] {
+                let spec = LossSpec::builder(mode)
+                    .temperature_scheme(t)
+                    .reduction(r)
+                    .grad_queue(mode == Mode::Queue && ti == 1)
+                    .build()
+                    .unwrap();
+                for (si, dims) in shapes(mode).into_iter().enumerate() {
+                    let seed = 3000 + si as u64;
+                    let data = Data::<f32>::new(mode, dims, seed, seed % 2 == 0);
+                    let inputs = data.inputs(mode);
+                    let up = upstream(&spec, loss_count(mode, dims), seed + 1);
+                    let want = cpu::evaluate(&spec, &inputs, &up).unwrap();
+                    let got = fastcpu::unfused::evaluate(&spec, &inputs, &up).unwrap();
+                    let what = format!("unfused f32 {dims:?} {spec:?}");
+                    let sc = Scales::of(&spec, &inputs, &up);
+                    assert_outputs_close(&what, &(&got).into(), &want, TOL, &sc);
+                    let data = Data::<bf16>::new(mode, dims, seed, seed % 2 == 0);
+                    let inputs = data.inputs(mode);
+                    let want = cpu::evaluate(&spec, &inputs, &up).unwrap();
+                    let got = fastcpu::unfused::evaluate(&spec, &inputs, &up).unwrap();
+                    let what = format!("unfused bf16 {dims:?} {spec:?}");
+                    let sc = Scales::of(&spec, &inputs, &up);
+                    assert_outputs_close(&what, &(&got).into(), &want, TOL, &sc);
+                }
+            }
+        }
+    }
+    let data = Data::<f32>::new(Mode::Cross, Dims { n: 3, k: 5, d: 4 }, 1, false);
+    let inputs = data.inputs(Mode::Cross);
+    for spec in [
+        LossSpec::cross().normalize(true).build(),
+        LossSpec::cross().variant(Variant::Decoupled).build(),
+        LossSpec::cross()
+            .dystress(0.1, 0.2, DystressGrad::Detach)
+            .build(),
+    ] {
+        let e = fastcpu::unfused::evaluate(&spec.unwrap(), &inputs, &Upstream::One).unwrap_err();
+        assert!(matches!(e, Error::Unsupported(_)), "{e}");
+    }
+}

@@ -55,6 +55,31 @@ pub(crate) fn at_b(c: &mut [f32], a: &[f32], b: &[f32], m: usize, n: usize, k: u
     matmul(cm, accum, am.transpose(), bm, 1.0f32, Par::Seq);
 }
 
+/// Output rows per task of [`par_matmul`].
+const PANEL: usize = 128;
+
+/// `c (=|+=) a · b` for whole matrices (the unfused baseline's products), split over rayon tasks by
+/// panels of `c`'s rows, each a single-threaded faer product.
+pub(crate) fn par_matmul(c: MatMut<'_, f32>, a: MatRef<'_, f32>, b: MatRef<'_, f32>, add: bool) {
+    let m = c.nrows();
+    if m <= PANEL || a.ncols() == 0 {
+        if a.ncols() == 0 {
+            if !add {
+                let mut c = c;
+                c.fill(0.0);
+            }
+            return;
+        }
+        let accum = if add { Accum::Add } else { Accum::Replace };
+        matmul(c, accum, a, b, 1.0f32, Par::Seq);
+        return;
+    }
+    let h = (m / 2).div_ceil(PANEL) * PANEL;
+    let (c0, c1) = c.split_at_row_mut(h);
+    let (a0, a1) = a.split_at_row(h);
+    rayon::join(|| par_matmul(c0, a0, b, add), || par_matmul(c1, a1, b, add));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -57,6 +57,7 @@ mod pair;
 mod simd;
 mod source;
 mod symmetric;
+pub mod unfused;
 
 use rayon::prelude::*;
 
