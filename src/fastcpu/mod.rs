@@ -50,6 +50,7 @@
 //! accumulation across tiles are f64. Agreement with the reference: about 1e-6 relative.
 
 mod anchor;
+pub mod bench;
 mod gemm;
 mod inbatch;
 mod kernels;
