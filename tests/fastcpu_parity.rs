@@ -624,19 +624,31 @@ fn bitwise_identical_for_any_thread_count() {
                 .unwrap();
             let data = Data::<f32>::new(mode, dims, 77, true);
             let inputs = data.inputs(mode);
-            let run = |t: usize| -> Vec<u64> {
-                let pool = rayon::ThreadPoolBuilder::new()
-                    .num_threads(t)
-                    .build()
-                    .expect("a thread pool");
-                let out = pool
-                    .install(|| fastcpu::evaluate(&spec, &inputs, &Upstream::One))
-                    .expect("evaluates");
-                bits(&out)
-            };
-            let one = run(1);
-            assert_eq!(one, run(2), "{mode:?} {variant:?}: 1 vs 2 threads");
-            assert_eq!(one, run(3), "{mode:?} {variant:?}: 1 vs 3 threads");
+            for blocking in [
+                None,
+                Some(Blocking {
+                    anchors: 32,
+                    keys: 48,
+                }),
+            ] {
+                let run = |t: usize| -> Vec<u64> {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(t)
+                        .build()
+                        .expect("a thread pool");
+                    let out = pool
+                        .install(|| match blocking {
+                            Some(b) => fastcpu::evaluate_blocked(&spec, &inputs, &Upstream::One, b),
+                            None => fastcpu::evaluate(&spec, &inputs, &Upstream::One),
+                        })
+                        .expect("evaluates");
+                    bits(&out)
+                };
+                let one = run(1);
+                let what = format!("{mode:?} {variant:?} {blocking:?}");
+                assert_eq!(one, run(2), "{what}: 1 vs 2 threads");
+                assert_eq!(one, run(3), "{what}: 1 vs 3 threads");
+            }
         }
     }
 }

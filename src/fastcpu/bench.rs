@@ -143,15 +143,18 @@ impl CpuPreset {
         let per_anchor = 6 * std::mem::size_of::<f64>() + 4 * f;
         match self.mode {
             Mode::Symmetric | Mode::InBatch => {
-                // S, Sᵀ, G, G2 tiles, the product buffer, and f64 per-anchor results.
-                let task = (4 * ba * bb + ba.max(bb) * d) * f;
+                // Per task at most: S, Sᵀ, G, G2 tiles and two converted blocks (f32 inputs are
+                // read in place); per anchor the online state and the f64 results. The
+                // gradients accumulate in their own memory.
+                let task = (4 * ba * bb + (ba + bb) * d) * f;
                 threads * task + 2 * self.anchors * per_anchor
             }
             _ => {
                 let owners = self.anchors.div_ceil(ba);
                 let c = chunks(owners, self.keys.div_ceil(bb)).len();
-                // S and weight tiles, U (ba × D) per task; U partials of every chunk; U in f64.
-                let task = (2 * ba * bb + ba * d) * f;
+                // S and weight tiles, U (ba × D) and two converted blocks per task; the U
+                // partials of every chunk; the merged U in f64.
+                let task = (2 * ba * bb + ba * d + (ba + bb) * d) * f;
                 threads * task
                     + owners * c * ba * d * f
                     + self.anchors * d * std::mem::size_of::<f64>()

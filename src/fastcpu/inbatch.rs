@@ -18,11 +18,11 @@ use rayon::prelude::*;
 
 use super::anchor::{Fin, LossCtx, Merged};
 use super::gemm;
-use super::kernels::{backward_row, forward_row, hist_row, mask_row, Online, RowLoss};
+use super::kernels::{backward_row, forward_row, hist_row, mask_row, Kind, Online, RowLoss};
 use super::pair::{blocks, Select};
 use super::simd;
-use super::source::{AlignedBuf, Source};
-use super::symmetric::transpose;
+use super::source::Source;
+use super::symmetric::{buf, forward_cols, merged, transpose, Scratch};
 use crate::tensor::Element;
 
 /// The rounds: first every diagonal tile `(p, p)`, then the `P − 1` (P even) rounds of the circle
@@ -47,11 +47,11 @@ fn rounds(p: usize) -> Vec<Vec<(usize, usize)>> {
     out
 }
 
-/// Runs `f(p, q, state_p, state_q)` for every tile, round by round (`state_q` is `None` on the
+/// Runs `f(scratch, p, q, state_p, state_q)` for every tile, round by round (`state_q` is `None` on the
 /// diagonal), each round in parallel.
 fn tournament<S: Send>(
     states: &mut [Option<S>],
-    f: impl Fn(usize, usize, &mut S, Option<&mut S>) + Sync,
+    f: impl Fn(&mut Scratch, usize, usize, &mut S, Option<&mut S>) + Sync,
 ) {
     for round in rounds(states.len()) {
         let tasks: Vec<(usize, usize, S, Option<S>)> = round
@@ -65,8 +65,8 @@ fn tournament<S: Send>(
             .collect();
         let done: Vec<(usize, usize, S, Option<S>)> = tasks
             .into_par_iter()
-            .map(|(p, q, mut a, mut b)| {
-                f(p, q, &mut a, b.as_mut());
+            .map_init(Scratch::default, |sc, (p, q, mut a, mut b)| {
+                f(sc, p, q, &mut a, b.as_mut());
                 (p, q, a, b)
             })
             .collect();
@@ -77,15 +77,6 @@ fn tournament<S: Send>(
             }
         }
     }
-}
-
-/// A task's buffers.
-#[derive(Default)]
-struct Scratch {
-    abuf: AlignedBuf,
-    bbuf: AlignedBuf,
-    s: Vec<f32>,
-    t: Vec<f32>,
 }
 
 /// The inbatch problem on its grid of blocks.
@@ -107,19 +98,28 @@ impl<'s, 'a, T: Element> InBatchProblem<'s, 'a, T> {
         }
     }
 
-    /// Tile `(p, q)` into `sc.s` and, off the diagonal, its transpose into `sc.t` (unmasked).
-    fn tile(&self, p: usize, q: usize, sc: &mut Scratch) -> (usize, usize) {
+    /// The column side of an off-diagonal tile can be reduced along its rows: fixed or learnable
+    /// τ and no hard-negative thresholds (off the diagonal a row's and a column's positive are
+    /// the same entries, `pos` being an involution, and no anchor meets itself).
+    fn columns_in_place(&self) -> Option<(f32, bool)> {
+        match self.ctx.kind {
+            Kind::Scaled { alpha, learnable } if self.loss.thr.is_none() => {
+                Some((alpha, learnable))
+            }
+            _ => None,
+        }
+    }
+
+    /// Tile `(p, q)` into `sc.s` and, off the diagonal when `transposed`, its transpose into
+    /// `sc.t` (unmasked).
+    fn tile(&self, p: usize, q: usize, sc: &mut Scratch, transposed: bool) -> (usize, usize) {
         let (rp, rq) = (&self.blocks[p], &self.blocks[q]);
         let (na, nb) = (rp.len(), rq.len());
-        if sc.s.len() < na * nb {
-            sc.s = vec![0.0; na * nb];
-            sc.t = vec![0.0; na * nb];
-        }
         let a_blk = self.e.block(rp.start, rp.end, &mut sc.abuf);
         let b_blk = self.e.block(rq.start, rq.end, &mut sc.bbuf);
-        gemm::a_bt(&mut sc.s, a_blk, b_blk, na, nb, self.e.cols());
-        if p != q {
-            transpose(&sc.s[..na * nb], na, nb, &mut sc.t);
+        gemm::a_bt(buf(&mut sc.s, na * nb), a_blk, b_blk, na, nb, self.e.cols());
+        if p != q && transposed {
+            transpose(&sc.s[..na * nb], na, nb, buf(&mut sc.t, na * nb));
         }
         (na, nb)
     }
@@ -138,9 +138,8 @@ impl<'s, 'a, T: Element> InBatchProblem<'s, 'a, T> {
                 .map(|r| Some(vec![0; r.len() * 256]))
                 .collect();
             let prefix = &sel.prefix;
-            tournament(&mut hist, |p, q, hp, hq| {
-                let mut sc = Scratch::default();
-                let (na, nb) = self.tile(p, q, &mut sc);
+            tournament(&mut hist, |sc, p, q, hp, hq| {
+                let (na, nb) = self.tile(p, q, sc, true);
                 let (rp, rq) = (&self.blocks[p], &self.blocks[q]);
                 for r in 0..na {
                     let a = rp.start + r;
@@ -192,42 +191,44 @@ impl<'s, 'a, T: Element> InBatchProblem<'s, 'a, T> {
             .map(|r| Some(Online::new(r.len(), simple)))
             .collect();
         let kind = &self.ctx.kind;
-        tournament(&mut states, |p, q, op, oq| {
-            let mut sc = Scratch::default();
-            let (na, nb) = self.tile(p, q, &mut sc);
+        let in_place = self.columns_in_place();
+        tournament(&mut states, |sc, p, q, op, oq| {
+            let (na, nb) = self.tile(p, q, sc, in_place.is_none());
             let (rp, rq) = (&self.blocks[p], &self.blocks[q]);
-            let mut w = vec![0.0f32; na.max(nb)];
+            let w = buf(&mut sc.w, na.max(nb));
+            let mut oq = oq;
             for r in 0..na {
+                let a = rp.start + r;
                 let row = &mut sc.s[r * nb..(r + 1) * nb];
-                if let Some(v) = mask_row(row, rp.start + r, rq.start, &self.loss) {
+                if let (Some(_), Some(oq)) = (in_place, oq.as_deref_mut()) {
+                    // Column pos(a)'s positive is this same entry.
+                    if let Some(c) = self.loss.pos_col(a).filter(|c| rq.contains(c)) {
+                        oq.s_pos[c - rq.start] = Some(row[c - rq.start]);
+                    }
+                }
+                if let Some(v) = mask_row(row, a, rq.start, &self.loss) {
                     op.s_pos[r] = Some(v);
                 }
                 forward_row(row, &mut w[..nb], kind, op, r);
             }
             if let Some(oq) = oq {
-                for c in 0..nb {
-                    let row = &mut sc.t[c * na..(c + 1) * na];
-                    if let Some(v) = mask_row(row, rq.start + c, rp.start, &self.loss) {
-                        oq.s_pos[c] = Some(v);
+                match in_place {
+                    Some((alpha, learnable)) => {
+                        forward_cols(&sc.s[..na * nb], na, nb, alpha, learnable, oq, &mut sc.cols)
                     }
-                    forward_row(row, &mut w[..na], kind, oq, c);
+                    None => {
+                        for c in 0..nb {
+                            let row = &mut sc.t[c * na..(c + 1) * na];
+                            if let Some(v) = mask_row(row, rq.start + c, rp.start, &self.loss) {
+                                oq.s_pos[c] = Some(v);
+                            }
+                            forward_row(row, &mut w[..na], kind, oq, c);
+                        }
+                    }
                 }
             }
         });
-        states
-            .into_iter()
-            .flatten()
-            .flat_map(|o| {
-                (0..o.m.len())
-                    .map(|r| Merged {
-                        m: o.m[r] as f64,
-                        sum: o.sum[r] as f64,
-                        zsum: o.zsum[r] as f64,
-                        s_pos: o.s_pos[r].unwrap_or(f32::NAN),
-                    })
-                    .collect::<Vec<_>>()
-            })
-            .collect()
+        merged(states)
     }
 
     /// Pass 2: `dE` (of the rows as used) added into `de` (f64).
@@ -240,9 +241,12 @@ impl<'s, 'a, T: Element> InBatchProblem<'s, 'a, T> {
         let gcoef: Vec<f32> = fin.iter().map(|f| f.gcoef as f32).collect();
         let dpos: Vec<f32> = fin.iter().map(|f| f.dpos as f32).collect();
         let b = self.blocks.first().map_or(1, |r| r.len()).max(1);
-        let mut states: Vec<Option<&mut [f64]>> = de.chunks_mut(b * d).map(Some).collect();
+        let n = self.e.rows();
+        let acc = &mut bytemuck::cast_slice_mut::<f64, f32>(de)[..n * d];
+        let mut states: Vec<Option<&mut [f32]>> = acc.chunks_mut(b * d).map(Some).collect();
         let kind = &self.ctx.kind;
         let loss = &self.loss;
+        let in_place = self.columns_in_place();
         // The weights of one masked row: backward_row, then the positive's entry.
         let weights = |row: &mut [f32], a: usize, k0: usize, g: &mut [f32]| {
             mask_row(row, a, k0, loss);
@@ -253,48 +257,50 @@ impl<'s, 'a, T: Element> InBatchProblem<'s, 'a, T> {
                 }
             }
         };
-        tournament(&mut states, |p, q, gp, gq| {
-            let mut sc = Scratch::default();
-            let (na, nb) = self.tile(p, q, &mut sc);
+        tournament(&mut states, |sc, p, q, gp, gq| {
+            let (na, nb) = self.tile(p, q, sc, in_place.is_none());
             let (rp, rq) = (&self.blocks[p], &self.blocks[q]);
-            let mut h = vec![0.0f32; na * nb];
+            let h = buf(&mut sc.g, na * nb);
             for r in 0..na {
-                weights(
-                    &mut sc.s[r * nb..(r + 1) * nb],
-                    rp.start + r,
-                    rq.start,
-                    &mut h[r * nb..(r + 1) * nb],
-                );
-            }
-            let mut g2 = vec![0.0f32; na * nb];
-            match gq {
-                None => {
-                    // Diagonal: H = G + Gᵀ, dE_p += H·E_p.
-                    transpose(&h, na, na, &mut g2);
-                }
-                Some(_) => {
-                    let mut gt = vec![0.0f32; na * nb];
-                    for c in 0..nb {
-                        weights(
-                            &mut sc.t[c * na..(c + 1) * na],
-                            rq.start + c,
-                            rp.start,
-                            &mut gt[c * na..(c + 1) * na],
-                        );
+                let a = rp.start + r;
+                let row = &mut sc.s[r * nb..(r + 1) * nb];
+                let hr = &mut h[r * nb..(r + 1) * nb];
+                weights(row, a, rq.start, hr);
+                if let (Some((alpha, _)), Some(_)) = (in_place, gq.as_ref()) {
+                    // Columns' weights added along the row; the shared positive gets both.
+                    let cs = rq.clone();
+                    simd::exp_scale_cols_add(row, alpha, &lse[cs.clone()], &gcoef[cs], hr);
+                    if let Some(c) = loss.pos_col(a).filter(|c| rq.contains(c)) {
+                        hr[c - rq.start] = dpos[a] + dpos[c];
                     }
-                    transpose(&gt, nb, na, &mut g2);
                 }
             }
-            simd::add_assign(&mut h, &g2);
-            let mut tmp = vec![0.0f32; na.max(nb) * d];
+            match (&gq, in_place) {
+                (None, _) => {
+                    // Diagonal: H = G + Gᵀ, dE_p += H·E_p.
+                    let g2 = buf(&mut sc.g2, na * nb);
+                    transpose(h, na, na, g2);
+                    simd::add_assign(h, g2);
+                }
+                (Some(_), Some(_)) => {}
+                (Some(_), None) => {
+                    let g2 = buf(&mut sc.g2, na * nb);
+                    for c in 0..nb {
+                        let row = &mut sc.t[c * na..(c + 1) * na];
+                        weights(row, rq.start + c, rp.start, &mut g2[c * na..(c + 1) * na]);
+                    }
+                    let t = buf(&mut sc.w, na * nb);
+                    transpose(g2, nb, na, t);
+                    simd::add_assign(h, t);
+                }
+            }
             let ep = self.e.block(rp.start, rp.end, &mut sc.abuf);
             let eq = self.e.block(rq.start, rq.end, &mut sc.bbuf);
-            gemm::a_b(&mut tmp, &h, eq, na, d, nb, false);
-            simd::axpy64(gp, 1.0, &tmp[..na * d]);
+            gemm::a_b(gp, h, eq, na, d, nb, true);
             if let Some(gq) = gq {
-                gemm::at_b(&mut tmp, &h, ep, nb, d, na, false);
-                simd::axpy64(gq, 1.0, &tmp[..nb * d]);
+                gemm::at_b(gq, h, ep, nb, d, na, true);
             }
         });
+        simd::widen_in_place(de);
     }
 }

@@ -87,19 +87,14 @@ pub struct Blocking {
 }
 
 impl Blocking {
-    /// The default for embedding dimension `d`: 128 anchors × 256 keys up to D = 256 (S tile,
-    /// weights and the key block about 0.4 MB at D = 128), 128 × 128 beyond.
+    /// The default for embedding dimension `d`, tuned on the CPU presets (bench/NOTES-cpu.md):
+    /// 256 × 256 up to D = 256 (a tile and its weights 0.5 MB, a key block 0.25 MB at D = 128),
+    /// 512 × 512 beyond (at D = 768 the products dominate and larger tiles run them faster).
     pub fn for_dim(d: usize) -> Blocking {
-        if d <= 256 {
-            Blocking {
-                anchors: 128,
-                keys: 256,
-            }
-        } else {
-            Blocking {
-                anchors: 128,
-                keys: 128,
-            }
+        let b = if d <= 256 { 256 } else { 512 };
+        Blocking {
+            anchors: b,
+            keys: b,
         }
     }
 }
