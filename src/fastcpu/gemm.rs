@@ -55,14 +55,17 @@ pub(crate) fn at_b(c: &mut [f32], a: &[f32], b: &[f32], m: usize, n: usize, k: u
     matmul(cm, accum, am.transpose(), bm, 1.0f32, Par::Seq);
 }
 
-/// Output rows per task of [`par_matmul`].
-const PANEL: usize = 128;
-
-/// `c (=|+=) a · b` for whole matrices (the unfused baseline's products), split over rayon tasks by
-/// panels of `c`'s rows, each a single-threaded faer product.
+/// `c (=|+=) a · b` for whole matrices (the unfused baseline's products and the sgemm rate), split
+/// over the rayon pool by row panels of `c`, one per thread, each a single-threaded faer product
+/// (so each thread packs `b` once).
 pub(crate) fn par_matmul(c: MatMut<'_, f32>, a: MatRef<'_, f32>, b: MatRef<'_, f32>, add: bool) {
-    let m = c.nrows();
-    if m <= PANEL || a.ncols() == 0 {
+    let parts = rayon::current_num_threads().clamp(1, c.nrows().div_ceil(64).max(1));
+    panels(c, a, b, add, parts);
+}
+
+/// [`par_matmul`] over `parts` panels of nearly equal height.
+fn panels(c: MatMut<'_, f32>, a: MatRef<'_, f32>, b: MatRef<'_, f32>, add: bool, parts: usize) {
+    if parts <= 1 || a.ncols() == 0 {
         if a.ncols() == 0 {
             if !add {
                 let mut c = c;
@@ -74,10 +77,14 @@ pub(crate) fn par_matmul(c: MatMut<'_, f32>, a: MatRef<'_, f32>, b: MatRef<'_, f
         matmul(c, accum, a, b, 1.0f32, Par::Seq);
         return;
     }
-    let h = (m / 2).div_ceil(PANEL) * PANEL;
+    let left = parts / 2;
+    let h = c.nrows() * left / parts;
     let (c0, c1) = c.split_at_row_mut(h);
     let (a0, a1) = a.split_at_row(h);
-    rayon::join(|| par_matmul(c0, a0, b, add), || par_matmul(c1, a1, b, add));
+    rayon::join(
+        || panels(c0, a0, b, add, left),
+        || panels(c1, a1, b, add, parts - left),
+    );
 }
 
 #[cfg(test)]

@@ -186,7 +186,7 @@ pub fn evaluate_blocked<T: Element>(
             }
             let fwd = pair::forward(&prob, true, Some(&s_pos));
             let fin = pair::finalize_all(&fwd.merged, &weights, &ctx);
-            let dq = anchor_grads(&fwd.u, &fin, d, |i| p.row_f32(i));
+            let dq = anchor_grads(fwd.u, &fin, d, |i| p.row_f32(i));
             let dp: Vec<f64> = per_row(q.rows(), d, |i, out| {
                 let qi = q.row_f32(i);
                 for (o, &x) in out.iter_mut().zip(&qi) {
@@ -244,7 +244,7 @@ pub fn evaluate_blocked<T: Element>(
             }
             let fwd = pair::forward(&prob, true, None);
             let fin = pair::finalize_all(&fwd.merged, &weights, &ctx);
-            let da = anchor_grads(&fwd.u, &fin, d, |i| b.row_f32(pos[i]));
+            let da = anchor_grads(fwd.u, &fin, d, |i| b.row_f32(pos[i]));
             let mut db = vec![0.0; b.rows() * d];
             pair::key_gradients(&prob, &fin, &mut db);
             grads.push(chain(&a, da));
@@ -313,20 +313,24 @@ fn per_row(rows: usize, d: usize, f: impl Fn(usize, &mut [f64]) + Sync) -> Vec<f
     out
 }
 
-/// The anchors' own gradients: `ucoef_i U_i + dpos_i · (positive row)`.
+/// The anchors' own gradients, in place of the forward's key sums: `ucoef_i U_i + dpos_i ·
+/// (positive row)`.
 fn anchor_grads(
-    u: &[f64],
+    mut u: Vec<f64>,
     fin: &[Fin],
     d: usize,
     pos_row: impl Fn(usize) -> Vec<f32> + Sync,
 ) -> Vec<f64> {
-    per_row(fin.len(), d, |i, out| {
-        let (f, ui) = (&fin[i], &u[i * d..(i + 1) * d]);
-        let pr = pos_row(i);
-        for ((o, &x), &y) in out.iter_mut().zip(ui).zip(&pr) {
-            *o = f.ucoef * x + f.dpos * y as f64;
-        }
-    })
+    if d > 0 {
+        u.par_chunks_mut(d).enumerate().for_each(|(i, out)| {
+            let f = &fin[i];
+            let pr = pos_row(i);
+            for (o, &y) in out.iter_mut().zip(&pr) {
+                *o = f.ucoef * *o + f.dpos * y as f64;
+            }
+        });
+    }
+    u
 }
 
 /// The gradient with respect to the rows as given: through the normalisation when applied

@@ -22,7 +22,8 @@ use super::anchor::{finalize, merge_chunks, Fin, LossCtx, Merged};
 use super::gemm;
 use super::kernels::{backward_row, forward_row, hist_row, mask_row, Kind, Online, RowLoss};
 use super::simd;
-use super::source::{AlignedBuf, Source};
+use super::source::Source;
+use super::symmetric::{buf, Scratch};
 use super::Blocking;
 use crate::tensor::Element;
 
@@ -49,12 +50,12 @@ pub(crate) fn chunks(owners: usize, others: usize) -> Vec<Range<usize>> {
         .collect()
 }
 
-/// Runs `f(owner, chunk)` for every owner block and chunk of the other side, in parallel, and
-/// returns the results grouped by owner, chunks in order.
+/// Runs `f(scratch, owner, chunk)` for every owner block and chunk of the other side, in parallel
+/// (scratch reused per thread), and returns the results grouped by owner, chunks in order.
 pub(crate) fn sweep<R: Send>(
     owners: usize,
     others: usize,
-    f: impl Fn(usize, Range<usize>) -> R + Sync,
+    f: impl Fn(&mut Scratch, usize, Range<usize>) -> R + Sync,
 ) -> Vec<Vec<R>> {
     let ch = chunks(owners, others);
     let tasks: Vec<(usize, Range<usize>)> = (0..owners)
@@ -62,7 +63,7 @@ pub(crate) fn sweep<R: Send>(
         .collect();
     let mut flat = tasks
         .into_par_iter()
-        .map(|(o, c)| f(o, c))
+        .map_init(Scratch::default, |sc, (o, c)| f(sc, o, c))
         .collect::<Vec<R>>()
         .into_iter();
     (0..owners)
@@ -144,20 +145,21 @@ pub(crate) fn forward<T: Element>(
     let d = p.dim();
     let simple = matches!(p.ctx.kind, Kind::Simple);
     let bb = p.b_blocks.iter().map(|r| r.len()).max().unwrap_or(0);
-    let parts = sweep(p.a_blocks.len(), p.b_blocks.len(), |ib, js| {
+    let parts = sweep(p.a_blocks.len(), p.b_blocks.len(), |sc, ib, js| {
         let rows = p.a_blocks[ib].clone();
         let na = rows.len();
-        let (mut abuf, mut bbuf) = (AlignedBuf::default(), AlignedBuf::default());
-        let a_blk = p.anchors.block(rows.start, rows.end, &mut abuf);
+        let Scratch {
+            abuf, bbuf, s, w, ..
+        } = sc;
+        let a_blk = p.anchors.block(rows.start, rows.end, abuf);
         let mut st = Online::new(na, simple);
         let mut u = vec![0.0f32; if want_u { na * d } else { 0 }];
-        let mut s = vec![0.0f32; na * bb];
-        let mut w = vec![0.0f32; na * bb];
+        let (s, w) = (buf(s, na * bb), buf(w, na * bb));
         for j in js {
             let cols = &p.b_blocks[j];
             let nb = cols.len();
-            let b_blk = p.keys.block(cols.start, cols.end, &mut bbuf);
-            p.tile(a_blk, b_blk, &rows, cols, &mut s, Some(&mut st.s_pos));
+            let b_blk = p.keys.block(cols.start, cols.end, bbuf);
+            p.tile(a_blk, b_blk, &rows, cols, s, Some(&mut st.s_pos));
             for r in 0..na {
                 let row = &s[r * nb..(r + 1) * nb];
                 let c = forward_row(row, &mut w[r * nb..(r + 1) * nb], &p.ctx.kind, &mut st, r);
@@ -224,19 +226,20 @@ pub(crate) fn key_gradients<T: Element>(p: &PairProblem<'_, '_, T>, fin: &[Fin],
     let ba = p.a_blocks.iter().map(|r| r.len()).max().unwrap_or(0);
     let lse: Vec<f32> = fin.iter().map(|f| f.lse as f32).collect();
     let gcoef: Vec<f32> = fin.iter().map(|f| f.gcoef as f32).collect();
-    let parts = sweep(p.b_blocks.len(), p.a_blocks.len(), |jb, is| {
+    let parts = sweep(p.b_blocks.len(), p.a_blocks.len(), |sc, jb, is| {
         let cols = p.b_blocks[jb].clone();
         let nb = cols.len();
-        let (mut abuf, mut bbuf) = (AlignedBuf::default(), AlignedBuf::default());
-        let b_blk = p.keys.block(cols.start, cols.end, &mut bbuf);
+        let Scratch {
+            abuf, bbuf, s, g, ..
+        } = sc;
+        let b_blk = p.keys.block(cols.start, cols.end, bbuf);
         let mut acc = vec![0.0f32; nb * d];
-        let mut s = vec![0.0f32; ba * nb];
-        let mut g = vec![0.0f32; ba * nb];
+        let (s, g) = (buf(s, ba * nb), buf(g, ba * nb));
         for ib in is {
             let rows = p.a_blocks[ib].clone();
             let na = rows.len();
-            let a_blk = p.anchors.block(rows.start, rows.end, &mut abuf);
-            p.tile(a_blk, b_blk, &rows, &cols, &mut s, None);
+            let a_blk = p.anchors.block(rows.start, rows.end, abuf);
+            p.tile(a_blk, b_blk, &rows, &cols, s, None);
             for r in 0..na {
                 let i = rows.start + r;
                 let g_row = &mut g[r * nb..(r + 1) * nb];
@@ -282,18 +285,18 @@ pub(crate) fn thresholds<T: Element>(
     let mut sel = Select::new(n, k);
     for shift in [24u32, 16, 8, 0] {
         let prefix = &sel.prefix;
-        let parts = sweep(p.a_blocks.len(), p.b_blocks.len(), |ib, js| {
+        let parts = sweep(p.a_blocks.len(), p.b_blocks.len(), |sc, ib, js| {
             let rows = p.a_blocks[ib].clone();
             let na = rows.len();
-            let (mut abuf, mut bbuf) = (AlignedBuf::default(), AlignedBuf::default());
-            let a_blk = p.anchors.block(rows.start, rows.end, &mut abuf);
+            let Scratch { abuf, bbuf, s, .. } = sc;
+            let a_blk = p.anchors.block(rows.start, rows.end, abuf);
             let mut hist = vec![0u32; na * 256];
-            let mut s = vec![0.0f32; na * bb];
+            let s = buf(s, na * bb);
             for j in js {
                 let cols = &p.b_blocks[j];
                 let nb = cols.len();
-                let b_blk = p.keys.block(cols.start, cols.end, &mut bbuf);
-                gemm::a_bt(&mut s, a_blk, b_blk, na, nb, p.dim());
+                let b_blk = p.keys.block(cols.start, cols.end, bbuf);
+                gemm::a_bt(s, a_blk, b_blk, na, nb, p.dim());
                 for r in 0..na {
                     let i = rows.start + r;
                     hist_row(

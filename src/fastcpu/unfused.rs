@@ -350,17 +350,12 @@ fn symmetric_ce(
             let cols = p * PANEL..((p + 1) * PANEL).min(n);
             let mut m = vec![f32::NEG_INFINITY; cols.len()];
             for row in z.chunks(n) {
-                for (mx, &x) in m.iter_mut().zip(&row[cols.clone()]) {
-                    *mx = if x > *mx { x } else { *mx };
-                }
+                simd::col_max(&row[cols.clone()], &mut m);
             }
             let mut s = vec![0.0f32; cols.len()];
-            let mut e = vec![0.0f32; cols.len()];
+            let mut unused = vec![0.0f32; cols.len()];
             for row in z.chunks(n) {
-                for ((o, &x), &mx) in e.iter_mut().zip(&row[cols.clone()]).zip(&m) {
-                    *o = simd::exp(x - mx);
-                }
-                simd::add_assign(&mut s, &e);
+                simd::exp_acc_cols(&row[cols.clone()], 1.0, &m, &mut s, &mut unused, false);
             }
             m.into_iter()
                 .zip(s)
@@ -375,22 +370,30 @@ fn symmetric_ce(
         .map(|j| lse_c[j] as f64 - z[j * n + j] as f64)
         .collect();
     // dZ = wr (P^row − δ) + wc (P^col − δ), then ·α; the τ term before scaling.
+    let wc32: Vec<f32> = wc.iter().map(|&x| x as f32).collect();
     let dtau: f64 = z
         .par_chunks_mut(n)
         .enumerate()
-        .map(|(i, row)| {
-            let mut t = 0.0f64;
-            for (j, x) in row.iter_mut().enumerate() {
-                let delta = if i == j { 1.0 } else { 0.0 };
-                let g = wr[i] as f32 * (simd::exp(*x - lse_r[i]) - delta)
-                    + wc[j] as f32 * (simd::exp(*x - lse_c[j]) - delta);
-                if learnable {
-                    t += g as f64 * *x as f64;
+        .map_init(
+            || vec![0.0f32; n],
+            |g, (i, row)| {
+                simd::exp_scale(row, 1.0, lse_r[i], wr[i] as f32, g);
+                simd::exp_scale_cols_add(row, 1.0, &lse_c, &wc32, g);
+                g[i] -= wr[i] as f32 + wc32[i];
+                let t: f64 = if learnable {
+                    g.iter()
+                        .zip(row.iter())
+                        .map(|(&a, &b)| a as f64 * b as f64)
+                        .sum()
+                } else {
+                    0.0
+                };
+                for (x, &v) in row.iter_mut().zip(g.iter()) {
+                    *x = v * alpha;
                 }
-                *x = g * alpha;
-            }
-            -t * alpha as f64
-        })
+                -t * alpha as f64
+            },
+        )
         .sum();
     let mut loss = loss_r;
     loss.extend(loss_c);
