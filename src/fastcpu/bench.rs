@@ -5,8 +5,8 @@
 //! Method: random unit rows (seeded, never zero); both implementations are checked against the
 //! f64 reference on a reduced shape of the preset's mode, and against each other on the full
 //! shape, before anything is timed; one warm-up call, then the median (and min, max) of
-//! `repeat` calls. The sgemm rate is a 2048³ product split over the pool by row panels (the same
-//! single-threaded faer products the backend runs), median of 5.
+//! `repeat` calls. The sgemm rate is faer's own parallel 2048³ product on the same pool, median
+//! of 5.
 
 use std::time::Instant;
 
@@ -271,11 +271,12 @@ pub struct BenchRow {
     pub fused_gflops: f64,
     /// The unfused products' FLOPs over its median time (GFLOP/s).
     pub unfused_gflops: f64,
-    /// The matrix crate's 2048³ sgemm on the same pool, this run (GFLOP/s).
+    /// The matrix crate's parallel 2048³ sgemm on the same pool, this run (GFLOP/s).
     pub sgemm_gflops: f64,
     /// `fused_gflops / sgemm_gflops` (%).
     pub pct_of_sgemm: f64,
-    /// Extra memory of the fused backend (bytes, from its allocations).
+    /// Extra memory of the fused backend (bytes; an upper bound computed from its allocations,
+    /// [`CpuPreset::fused_extra_bytes`]).
     pub fused_extra_bytes: usize,
     /// Extra memory of the unfused baseline (logits and f32 gradients, bytes).
     pub unfused_extra_bytes: usize,
@@ -317,19 +318,18 @@ fn time_ms(repeat: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64
     Ok((t[t.len() / 2], t[0], t[t.len() - 1]))
 }
 
-/// The matrix crate's sgemm rate on the current rayon pool: a 2048³ f32 product split by row
-/// panels into single-threaded faer products (as the backend runs them), median of 5 (GFLOP/s).
+/// The matrix crate's sgemm rate on the current rayon pool: faer's parallel 2048³ f32 product,
+/// median of 5 (GFLOP/s).
 pub fn sgemm_gflops() -> f64 {
     let n = 2048;
     let a = unit_rows(11, n, n);
     let b = unit_rows(12, n, n);
     let mut c = vec![0.0f32; n * n];
     let run = |c: &mut [f32]| {
-        super::gemm::par_matmul(
+        super::gemm::faer_parallel(
             faer::MatMut::from_row_major_slice_mut(c, n, n),
             faer::MatRef::from_row_major_slice(&a, n, n),
             faer::MatRef::from_row_major_slice(&b, n, n),
-            false,
         );
     };
     let (med, _, _) = time_ms(5, || {

@@ -1,7 +1,7 @@
 //! The unfused CPU baseline: the pipeline users write by hand (numpy, PyTorch eager), kept as
 //! the yardstick the fused backend is timed against (spec/performance.md), on the same matrix
-//! crate (faer), the same threads (rayon, products split by row panels) and the same vectorised
-//! `exp`:
+//! crate (faer), the same threads (the current rayon pool; products split into one row panel per
+//! thread, faster here than faer's own parallel product) and the same vectorised `exp`:
 //!
 //! 1. one product to a full f32 logit matrix (`S = X·Yᵀ`, N×K; queue mode then concatenates the
 //!    positive logits in front, `torch.cat([l_pos, l_neg]) / τ`, a second N×(K+1) matrix);
