@@ -36,8 +36,14 @@ fn table() {
         match run_preset(&p, repeat) {
             Ok(r) => {
                 eprintln!(
-                    "{}: fused {:.1} ms, unfused {:.1} ms ({:.2}x), {:.0} GFLOP/s = {:.0}% of sgemm {:.0}",
-                    r.preset, r.fused_ms, r.unfused_ms, r.speedup, r.fused_gflops, r.pct_of_sgemm,
+                    "{}: fused {:.1} ms, unfused {:.1} ms ({:.2}x), {:.0} GFLOP/s = {:.0}% of \
+                     sgemm {:.0}",
+                    r.preset,
+                    r.fused_ms,
+                    r.unfused_ms,
+                    r.speedup,
+                    r.fused_gflops,
+                    r.pct_of_sgemm,
                     r.sgemm_gflops
                 );
                 rows.push(r);

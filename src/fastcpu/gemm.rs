@@ -57,8 +57,8 @@ pub(crate) fn at_b(c: &mut [f32], a: &[f32], b: &[f32], m: usize, n: usize, k: u
 
 /// `c (=|+=) a · b` for whole matrices (the unfused baseline's products), split over the rayon
 /// pool into one row panel of `c` per thread, each a single-threaded faer product (each thread
-/// packs `b` once). On the presets' shapes this is 15–25 % faster than faer's own parallel product
-/// (`Par::rayon`) for moco and simclr-cpu and within 3 % for clip-cpu, so the baseline uses it.
+/// packs `b` once). On the presets' shapes this is 13–20 % faster than faer's own parallel product
+/// (`Par::rayon`) for moco and simclr-cpu and level for clip-cpu, so the baseline uses it.
 pub(crate) fn par_matmul(c: MatMut<'_, f32>, a: MatRef<'_, f32>, b: MatRef<'_, f32>, add: bool) {
     let parts = rayon::current_num_threads().clamp(1, c.nrows().div_ceil(64).max(1));
     panels(c, a, b, add, parts);

@@ -47,8 +47,8 @@ fn rounds(p: usize) -> Vec<Vec<(usize, usize)>> {
     out
 }
 
-/// Runs `f(scratch, p, q, state_p, state_q)` for every tile, round by round (`state_q` is `None` on the
-/// diagonal), each round in parallel.
+/// Runs `f(scratch, p, q, state_p, state_q)` for every tile, round by round (`state_q` is `None`
+/// on the diagonal), each round in parallel.
 fn tournament<S: Send>(
     states: &mut [Option<S>],
     f: impl Fn(&mut Scratch, usize, usize, &mut S, Option<&mut S>) + Sync,

@@ -3,9 +3,9 @@
 //! softmax-weighted key sum (forward), the gradient weights `∂L/∂s` (backward), and the radix
 //! histogram of the hard-negative selection.
 //!
-//! A tile row holds `s_ij = a_i · b_j` for one anchor `i` and the keys `j0..j0+len`. Masked entries
-//! (the positive, the anchor itself in inbatch mode, unselected hard negatives) are set to −∞, which
-//! every later step reads as "not a negative": its `exp` is 0.
+//! A tile row holds `s_ij = a_i · b_j` for one anchor `i` and the keys `j0..j0+len`. Masked
+//! entries (the positive, the anchor itself in inbatch mode, unselected hard negatives) are set to
+//! −∞, which every later step reads as "not a negative": its `exp` is 0.
 
 use super::simd;
 use crate::spec::Temperature;

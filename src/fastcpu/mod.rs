@@ -9,11 +9,11 @@
 //!
 //! # How
 //! Anchors are cut into blocks of [`Blocking::anchors`] rows and keys into blocks of
-//! [`Blocking::keys`] rows, sized so a tile's operands and results stay in a core's L2. For each
-//! tile the similarity block `S = A_I·B_Jᵀ` comes from faer's single-threaded matrix product
-//! ([`gemm`](self) module), then the temperature, the mask (positive, self, hard negatives), the
-//! online log-sum-exp and the gradient weights are computed while the tile is in cache, with a
-//! vectorised `exp`. Nothing N×K is ever stored:
+//! [`Blocking::keys`] rows ([`Blocking::for_dim`], tuned on the presets). For each tile the
+//! similarity block `S = A_I·B_Jᵀ` comes from faer's single-threaded matrix product (`gemm.rs`;
+//! why faer: bench/NOTES-cpu.md), then the temperature, the mask (positive, self, hard
+//! negatives), the online log-sum-exp and the gradient weights are computed while the tile is in
+//! cache, with a vectorised `exp`. Nothing N×K is ever stored:
 //! - `queue`, `cross`: one forward sweep per anchor block over the key blocks computes the LSE
 //!   and, beside it, the softmax-weighted key sum (rescaled when the running max moves, as
 //!   flash-attention does), so the loss, `lse` and the anchor gradient cost two block products
@@ -37,17 +37,21 @@
 //! features, so two machines may differ in the last bits).
 //!
 //! # Memory
-//! Beyond the inputs and the f64 gradients: per task a few tiles and blocks
-//! (`O(block × (block + D))` floats), per anchor a handful of scalars, and the per-chunk partial
-//! sums where anchors are few (at most 16 × N × D floats). f32 inputs that are not normalised are
-//! read in place; f16, bf16, f64 and normalised inputs are converted (and normalised) block by
-//! block into each task's buffer, never copied whole.
+//! Nothing N×K. Beyond the inputs and the f64 gradients: per thread a few tiles and blocks
+//! (`O(block × (block + D))` floats), per anchor a handful of scalars, and in `queue` and `cross`
+//! mode the forward's softmax-weighted key sums, which are the anchor gradient's f32 accumulators
+//! (N × D; where anchors are few the key chunks each keep their own, at most 16 blocks of
+//! `block × D` more). The tile passes (`inbatch`, `symmetric`) accumulate in f32 inside the f64
+//! gradients' own memory and widen in place. f32 inputs that are not normalised are read in
+//! place; f16, bf16, f64 and normalised inputs are converted (and normalised) block by block into
+//! each task's buffer, never copied whole.
 //!
 //! # Precision and dtypes
 //! f32, f16 and bf16 inputs are computed exactly as stored, in f32. f64 inputs are accepted (as
 //! the reference) and rounded to f32 when a block is read: this backend's precision is f32's
-//! whatever the input type. Per-anchor scalars (LSE merge, loss, `∂L/∂τ`) and the gradients'
-//! accumulation across tiles are f64. Agreement with the reference: about 1e-6 relative.
+//! whatever the input type. Tiles, products and the gradients' accumulation within a pass are
+//! f32; per-anchor scalars (the LSE merge, loss, `∂L/∂τ`) and the merge of key chunks' partials
+//! are f64. Agreement with the reference: 1e-6 relative L2 or better over the test grid.
 
 mod anchor;
 pub mod bench;
@@ -184,7 +188,7 @@ pub fn evaluate_blocked<T: Element>(
             if let Some(k) = hard_k {
                 prob.loss.thr = Some(pair::thresholds(&prob, k, shape.negatives));
             }
-            let fwd = pair::forward(&prob, true, Some(&s_pos));
+            let fwd = pair::forward(&prob, Some(&s_pos));
             let fin = pair::finalize_all(&fwd.merged, &weights, &ctx);
             let dq = anchor_grads(fwd.u, &fin, d, |i| p.row_f32(i));
             let dp: Vec<f64> = per_row(q.rows(), d, |i, out| {
@@ -242,7 +246,7 @@ pub fn evaluate_blocked<T: Element>(
             if let Some(k) = hard_k {
                 prob.loss.thr = Some(pair::thresholds(&prob, k, shape.negatives));
             }
-            let fwd = pair::forward(&prob, true, None);
+            let fwd = pair::forward(&prob, None);
             let fin = pair::finalize_all(&fwd.merged, &weights, &ctx);
             let da = anchor_grads(fwd.u, &fin, d, |i| b.row_f32(pos[i]));
             let mut db = vec![0.0; b.rows() * d];

@@ -129,17 +129,17 @@ impl<'s, 'a, T: Element> PairProblem<'s, 'a, T> {
     }
 }
 
-/// Per anchor: the merged online state and `U_i` (f64, D values; empty unless asked).
+/// Per anchor: the merged online state and `U_i` (f64, D values per anchor).
 pub(crate) struct Forward {
     pub merged: Vec<Merged>,
     pub u: Vec<f64>,
 }
 
-/// The forward sweep (module docs). `want_u`: accumulate the softmax-weighted key sums.
+/// The forward sweep (module docs): every anchor's merged online state and its softmax-weighted
+/// key sum.
 /// Queue mode's positives are outside the keys: their similarities come in `external_pos`.
 pub(crate) fn forward<T: Element>(
     p: &PairProblem<'_, '_, T>,
-    want_u: bool,
     external_pos: Option<&[f32]>,
 ) -> Forward {
     let d = p.dim();
@@ -153,7 +153,7 @@ pub(crate) fn forward<T: Element>(
         } = sc;
         let a_blk = p.anchors.block(rows.start, rows.end, abuf);
         let mut st = Online::new(na, simple);
-        let mut u = vec![0.0f32; if want_u { na * d } else { 0 }];
+        let mut u = vec![0.0f32; na * d];
         let (s, w) = (buf(s, na * bb), buf(w, na * bb));
         for j in js {
             let cols = &p.b_blocks[j];
@@ -163,19 +163,17 @@ pub(crate) fn forward<T: Element>(
             for r in 0..na {
                 let row = &s[r * nb..(r + 1) * nb];
                 let c = forward_row(row, &mut w[r * nb..(r + 1) * nb], &p.ctx.kind, &mut st, r);
-                if want_u && c != 1.0 {
+                if c != 1.0 {
                     simd::scale(&mut u[r * d..(r + 1) * d], c);
                 }
             }
-            if want_u {
-                gemm::a_b(&mut u, &w[..na * nb], b_blk, na, d, nb, true);
-            }
+            gemm::a_b(&mut u, &w[..na * nb], b_blk, na, d, nb, true);
         }
         (st, u)
     });
     let n = p.anchors.rows();
     let mut merged = Vec::with_capacity(n);
-    let mut u_all = vec![0.0f64; if want_u { n * d } else { 0 }];
+    let mut u_all = vec![0.0f64; n * d];
     for (ib, chunks) in parts.iter().enumerate() {
         let rows = &p.a_blocks[ib];
         for r in 0..rows.len() {
@@ -198,12 +196,10 @@ pub(crate) fn forward<T: Element>(
                 zsum,
                 s_pos,
             });
-            if want_u {
-                let dst = &mut u_all[i * d..(i + 1) * d];
-                for ((_, u), &f) in chunks.iter().zip(&factors) {
-                    let f = if simple { 1.0 } else { f };
-                    simd::axpy64(dst, f, &u[r * d..(r + 1) * d]);
-                }
+            let dst = &mut u_all[i * d..(i + 1) * d];
+            for ((_, u), &f) in chunks.iter().zip(&factors) {
+                let f = if simple { 1.0 } else { f };
+                simd::axpy64(dst, f, &u[r * d..(r + 1) * d]);
             }
         }
     }

@@ -36,7 +36,10 @@ fn use_avx2() -> bool {
 /// Defines `pub(crate) fn $name` that runs `$imp::<true>` compiled for AVX2 + FMA when the CPU has
 /// them (fused multiply-adds), else the baseline build `$imp::<false>` (separate multiply and add).
 macro_rules! multiversion {
-    ($(#[$doc:meta])* fn $name:ident ($($arg:ident : $ty:ty),*) -> $ret:ty => $fast:ident, $imp:ident;) => {
+    (
+        $(#[$doc:meta])*
+        fn $name:ident ($($arg:ident : $ty:ty),*) -> $ret:ty => $fast:ident, $imp:ident;
+    ) => {
         $(#[$doc])*
         pub(crate) fn $name($($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
@@ -167,7 +170,8 @@ fn exp_sum_impl<const FMA: bool>(s: &[f32], alpha: f32, shift: f32, out: &mut [f
 
 multiversion! {
     /// `out_j = exp(α s_j − shift)`; returns `Σ out_j`.
-    fn exp_sum(s: &[f32], alpha: f32, shift: f32, out: &mut [f32]) -> f32 => exp_sum_avx2, exp_sum_impl;
+    fn exp_sum(s: &[f32], alpha: f32, shift: f32, out: &mut [f32]) -> f32
+        => exp_sum_avx2, exp_sum_impl;
 }
 
 #[inline(always)]
@@ -206,7 +210,8 @@ fn exp_sum_dot_impl<const FMA: bool>(
 multiversion! {
     /// As [`exp_sum`], also returning `Σ out_j z_j` with `z_j = α s_j` (entries whose `out_j` is 0
     /// add nothing).
-    fn exp_sum_dot(s: &[f32], alpha: f32, shift: f32, out: &mut [f32]) -> (f32, f32) => exp_sum_dot_avx2, exp_sum_dot_impl;
+    fn exp_sum_dot(s: &[f32], alpha: f32, shift: f32, out: &mut [f32]) -> (f32, f32)
+        => exp_sum_dot_avx2, exp_sum_dot_impl;
 }
 
 #[inline(always)]
@@ -218,7 +223,8 @@ fn exp_scale_impl<const FMA: bool>(s: &[f32], alpha: f32, shift: f32, scale: f32
 
 multiversion! {
     /// `out_j = scale · exp(α s_j − shift)`.
-    fn exp_scale(s: &[f32], alpha: f32, shift: f32, scale: f32, out: &mut [f32]) -> () => exp_scale_avx2, exp_scale_impl;
+    fn exp_scale(s: &[f32], alpha: f32, shift: f32, scale: f32, out: &mut [f32]) -> ()
+        => exp_scale_avx2, exp_scale_impl;
 }
 
 #[inline(always)]
@@ -296,7 +302,9 @@ fn exp_acc_cols_impl<const FMA: bool>(
 multiversion! {
     /// Column-wise online sums over one tile row: `sum_j += exp(α s_j − shift_j)` and, when
     /// `learnable`, `zsum_j += exp(α s_j − shift_j) α s_j`.
-    fn exp_acc_cols(s: &[f32], alpha: f32, shift: &[f32], sum: &mut [f32], zsum: &mut [f32], learnable: bool) -> ()
+    fn exp_acc_cols(
+        s: &[f32], alpha: f32, shift: &[f32], sum: &mut [f32], zsum: &mut [f32], learnable: bool
+    ) -> ()
         => exp_acc_cols_avx2, exp_acc_cols_impl;
 }
 
@@ -316,7 +324,9 @@ fn exp_scale_cols_add_impl<const FMA: bool>(
 
 multiversion! {
     /// `out_j += scale_j · exp(α s_j − shift_j)` (a column-wise backward weight added to a row's).
-    fn exp_scale_cols_add(s: &[f32], alpha: f32, shift: &[f32], scale: &[f32], out: &mut [f32]) -> ()
+    fn exp_scale_cols_add(
+        s: &[f32], alpha: f32, shift: &[f32], scale: &[f32], out: &mut [f32]
+    ) -> ()
         => exp_scale_cols_add_avx2, exp_scale_cols_add_impl;
 }
 
