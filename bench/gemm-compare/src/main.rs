@@ -7,10 +7,14 @@ use std::time::Instant;
 
 /// Deterministic values in [-0.5, 0.5).
 fn fill(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (s >> 33) as f32 / (1u64 << 31) as f32 - 0.5
         })
         .collect()
@@ -26,18 +30,71 @@ enum Lib {
 /// `c (m×n) = op(a) · op(b)`: `a` is m×k row-major, or k×m when `at`; `b` is k×n row-major, or
 /// n×k when `bt`.
 #[allow(clippy::too_many_arguments)]
-fn product(lib: Lib, m: usize, n: usize, k: usize, a: &[f32], at: bool, b: &[f32], bt: bool, c: &mut [f32]) {
-    let (ars, acs) = if at { (1isize, m as isize) } else { (k as isize, 1) };
-    let (brs, bcs) = if bt { (1isize, k as isize) } else { (n as isize, 1) };
+fn product(
+    lib: Lib,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    at: bool,
+    b: &[f32],
+    bt: bool,
+    c: &mut [f32],
+) {
+    let (ars, acs) = if at {
+        (1isize, m as isize)
+    } else {
+        (k as isize, 1)
+    };
+    let (brs, bcs) = if bt {
+        (1isize, k as isize)
+    } else {
+        (n as isize, 1)
+    };
     match lib {
         // SAFETY: the strides describe the slices' own row-major layouts (sizes checked by the
         // callers: a and b hold m·k and k·n values, c m·n).
         Lib::MatrixMultiply => unsafe {
-            matrixmultiply::sgemm(m, k, n, 1.0, a.as_ptr(), ars, acs, b.as_ptr(), brs, bcs, 0.0, c.as_mut_ptr(), n as isize, 1);
+            matrixmultiply::sgemm(
+                m,
+                k,
+                n,
+                1.0,
+                a.as_ptr(),
+                ars,
+                acs,
+                b.as_ptr(),
+                brs,
+                bcs,
+                0.0,
+                c.as_mut_ptr(),
+                n as isize,
+                1,
+            );
         },
         // SAFETY: as above.
         Lib::Gemm => unsafe {
-            gemm::gemm(m, n, k, c.as_mut_ptr(), 1, n as isize, false, a.as_ptr(), acs, ars, b.as_ptr(), bcs, brs, 0.0f32, 1.0f32, false, false, false, gemm::Parallelism::None);
+            gemm::gemm(
+                m,
+                n,
+                k,
+                c.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                a.as_ptr(),
+                acs,
+                ars,
+                b.as_ptr(),
+                bcs,
+                brs,
+                0.0f32,
+                1.0f32,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
         },
         Lib::Faer => {
             // SAFETY: as above.
@@ -51,10 +108,19 @@ fn product(lib: Lib, m: usize, n: usize, k: usize, a: &[f32], at: bool, b: &[f32
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let libs: Vec<(Lib, &str)> = [(Lib::Faer, "faer"), (Lib::MatrixMultiply, "mm"), (Lib::Gemm, "gemm")]
-        .into_iter()
-        .filter(|(_, name)| !args.iter().any(|a| ["faer", "mm", "gemm"].contains(&a.as_str())) || args.iter().any(|a| a == name))
-        .collect();
+    let libs: Vec<(Lib, &str)> = [
+        (Lib::Faer, "faer"),
+        (Lib::MatrixMultiply, "mm"),
+        (Lib::Gemm, "gemm"),
+    ]
+    .into_iter()
+    .filter(|(_, name)| {
+        !args
+            .iter()
+            .any(|a| ["faer", "mm", "gemm"].contains(&a.as_str()))
+            || args.iter().any(|a| a == name)
+    })
+    .collect();
     // (m, n, k, a transposed, b transposed, what)
     let shapes = [
         (2048, 2048, 2048, false, false, "2048³"),
@@ -89,7 +155,11 @@ fn main() {
                 })
                 .collect();
             t.sort_by(f64::total_cmp);
-            println!("{what:22} {name:5} median {:6.1} GFLOP/s  best {:6.1}", flops / t[2] / 1e9, flops / t[0] / 1e9);
+            println!(
+                "{what:22} {name:5} median {:6.1} GFLOP/s  best {:6.1}",
+                flops / t[2] / 1e9,
+                flops / t[0] / 1e9
+            );
         }
     }
     if args.iter().any(|a| a == "--par") {
@@ -111,7 +181,10 @@ fn main() {
                 })
                 .collect();
             t.sort_by(f64::total_cmp);
-            println!("{m}×{n}×{k} faer Par::rayon: {:.0} GFLOP/s", 2.0 * (m * n * k) as f64 / t[3] / 1e9);
+            println!(
+                "{m}×{n}×{k} faer Par::rayon: {:.0} GFLOP/s",
+                2.0 * (m * n * k) as f64 / t[3] / 1e9
+            );
         }
     }
 }
