@@ -2,6 +2,8 @@
 //! converted block by block into a task's buffer (f16, bf16, f64, or normalised rows
 //! `u = x / max(‖x‖₂, ε)`), so no f32 copy of a whole input is ever made.
 
+use rayon::prelude::*;
+
 use crate::cpu::normalize::NORM_EPS;
 use crate::tensor::{DType, Element, MatRef};
 
@@ -38,6 +40,7 @@ impl<'a, T: Element> Source<'a, T> {
     pub fn new(m: MatRef<'a, T>, normalize: bool) -> Self {
         let inv = normalize.then(|| {
             (0..m.rows())
+                .into_par_iter()
                 .map(|i| {
                     let norm = m
                         .row(i)
