@@ -32,6 +32,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod data;
 pub mod error;
+pub mod fastcpu;
 pub mod io;
 pub mod loss;
 pub mod metrics;
