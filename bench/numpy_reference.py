@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The CPU presets of spec/performance.md in numpy (float32), as users write them: one product to
 the logit matrix, a softmax cross-entropy, products for the gradients (the unfused pipeline the
-fused CPU backend is compared with, fastcpu::bench). One warm-up call, then the median of
+fused CPU backend is compared with, cpu::bench). One warm-up call, then the median of
 --repeat calls (at least 10). Prints JSON to stdout:
 
     [{"preset": ..., "numpy_ms": ..., "numpy_min_ms": ..., "repeat": ..., "blas": ...}, ...]

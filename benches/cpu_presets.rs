@@ -1,23 +1,23 @@
 //! Criterion benchmarks of the CPU presets of spec/performance.md (`moco`, `simclr-cpu`,
-//! `clip-cpu`): the fused backend (`fastcpu::evaluate`) and the unfused baseline
-//! (`fastcpu::unfused::evaluate`) on the global rayon pool.
+//! `clip-cpu`): the fused backend (`cpu::evaluate`) and the unfused baseline
+//! (`cpu::unfused::evaluate`) on the global rayon pool.
 //!
-//! Under `cargo bench --bench cpu_presets` it first runs `fastcpu::bench::run_preset` for each
+//! Under `cargo bench --bench cpu_presets` it first runs `cpu::bench::run_preset` for each
 //! preset (checks against the reference, medians of 10 calls, the sgemm rate of the same run) and
 //! prints the rows as JSON on stdout (`CPU_PRESETS_REPEAT` sets the calls, default 10;
 //! `CPU_PRESETS_ONLY=moco` runs one preset). `cargo test --all-targets` runs each benchmark once
 //! (criterion's test mode) without the table.
 
 use criterion::{criterion_group, BenchmarkId, Criterion};
-use fused_infonce::fastcpu::bench::{run_preset, PresetData, CPU_PRESETS};
-use fused_infonce::fastcpu::{self, unfused};
+use fused_infonce::cpu::bench::{run_preset, PresetData, CPU_PRESETS};
+use fused_infonce::cpu::{self, unfused};
 use fused_infonce::Upstream;
 
 fn full_bench_run() -> bool {
     std::env::args().any(|a| a == "--bench")
 }
 
-fn selected() -> Vec<fastcpu::bench::CpuPreset> {
+fn selected() -> Vec<cpu::bench::CpuPreset> {
     let only = std::env::var("CPU_PRESETS_ONLY").ok();
     CPU_PRESETS
         .iter()
@@ -65,7 +65,7 @@ fn cpu_presets(c: &mut Criterion) {
         let data = PresetData::random(&p, 0);
         let Ok(inputs) = data.inputs() else { continue };
         group.bench_with_input(BenchmarkId::new("fused", p.name), &inputs, |b, i| {
-            b.iter(|| fastcpu::evaluate(&spec, i, &Upstream::One).expect("fused evaluates"))
+            b.iter(|| cpu::evaluate(&spec, i, &Upstream::One).expect("fused evaluates"))
         });
         group.bench_with_input(BenchmarkId::new("unfused", p.name), &inputs, |b, i| {
             b.iter(|| unfused::evaluate(&spec, i, &Upstream::One).expect("unfused evaluates"))

@@ -462,7 +462,7 @@ pub fn reference_small_shapes(repeat: usize, progress: &dyn Progress) -> Result<
         let case = HostCase::new(p);
         let spec = p.spec()?;
         let inputs = case.inputs()?;
-        crate::cpu::evaluate(&spec, &inputs, &Upstream::One)?;
+        crate::reference::evaluate(&spec, &inputs, &Upstream::One)?;
         let mut samples = Vec::with_capacity(reps);
         let started = Instant::now();
         for i in 0..reps {
@@ -470,7 +470,7 @@ pub fn reference_small_shapes(repeat: usize, progress: &dyn Progress) -> Result<
                 break;
             }
             let t = Instant::now();
-            std::hint::black_box(crate::cpu::evaluate(&spec, &inputs, &Upstream::One)?);
+            std::hint::black_box(crate::reference::evaluate(&spec, &inputs, &Upstream::One)?);
             samples.push(t.elapsed().as_secs_f64() * 1e3);
         }
         let t = Timing::from_samples(samples);

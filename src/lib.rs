@@ -9,7 +9,7 @@
 //! tile by tile, so the N×K logit matrix is never written to device memory.
 //!
 //! ```
-//! use fused_infonce::{cpu, LossInputs, LossSpec, MatRef, Upstream};
+//! use fused_infonce::{reference, LossInputs, LossSpec, MatRef, Upstream};
 //! // Two anchors, D = 2, a queue of three negatives.
 //! let q = [1.0f32, 0.0, 0.0, 1.0];
 //! let p = [0.9f32, 0.1, 0.1, 0.9];
@@ -20,7 +20,7 @@
 //!     positive: MatRef::new("positive", &p, 2, 2)?,
 //!     queue: MatRef::new("queue", &m, 3, 2)?,
 //! };
-//! let out = cpu::evaluate(&spec, &inputs, &Upstream::One)?;
+//! let out = reference::evaluate(&spec, &inputs, &Upstream::One)?;
 //! assert!(out.loss.scalar().unwrap() > 0.0);
 //! # Ok::<(), fused_infonce::Error>(())
 //! ```
@@ -32,12 +32,12 @@ pub mod cpu;
 pub mod cuda;
 pub mod data;
 pub mod error;
-pub mod fastcpu;
 pub mod io;
 pub mod loss;
 pub mod metrics;
 pub mod progress;
 pub mod queue;
+pub mod reference;
 pub mod spec;
 pub mod sweep;
 pub mod tensor;

@@ -14,9 +14,9 @@
 //! # Ok::<(), fused_infonce::Error>(())
 //! ```
 
-use crate::cpu::normalize::normalize_rows;
 use crate::error::{Error, Result};
 use crate::loss::LossOutput;
+use crate::reference::normalize::normalize_rows;
 use crate::spec::Temperature;
 use crate::tensor::{Element, MatRef, Matrix};
 

@@ -148,7 +148,7 @@ pub struct Report {
     pub data: String,
     /// Its loss mode.
     pub mode: &'static str,
-    /// `reference` or `cuda`.
+    /// `reference`, `cpu` or `cuda`.
     pub backend: &'static str,
     /// Part 1's uniformity.
     pub uniformity: f64,
@@ -178,10 +178,7 @@ impl Report {
         Report {
             data: data.description.clone(),
             mode: data.mode.name(),
-            backend: match backend {
-                Backend::Cpu => "cpu",
-                Backend::Cuda => "cuda",
-            },
+            backend: backend.name(),
             uniformity: pic.uniformity,
             alignment: pic.alignment,
             tolerance: pic.tolerance,
@@ -392,7 +389,7 @@ pub fn gradient_picture(
     // the hard-negative share stay on the host.
     let gpu = match backend {
         Backend::Cuda => Some(GpuMetrics::new(fixed.mode, &norm)?),
-        Backend::Cpu => None,
+        Backend::Reference | Backend::Cpu => None,
     };
     let (uniformity, tolerance) = match &gpu {
         Some(g) => (

@@ -24,6 +24,7 @@ use crate::error::{Error, Result};
 use crate::loss::{LossInputs, LossOutput, Upstream};
 use crate::metrics;
 use crate::queue::HostQueue;
+use crate::reference;
 use crate::spec::{LossSpec, Temperature};
 use crate::tensor::{MatRef, Matrix};
 use rand::rngs::StdRng;
@@ -33,7 +34,9 @@ use rand::SeedableRng;
 /// Which implementation evaluates the loss and its gradients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Backend {
-    /// [`cpu::evaluate`], the f64 reference.
+    /// [`reference::evaluate`], the f64 oracle (exact, slow by design).
+    Reference,
+    /// [`cpu::evaluate`], the fast fused CPU backend (f32 arithmetic, multi-threaded).
     #[default]
     Cpu,
     /// [`cuda::evaluate`] on the first GPU (inputs sent as f32); an error without a usable GPU.
@@ -49,6 +52,7 @@ impl Backend {
         upstream: &Upstream,
     ) -> Result<LossOutput> {
         match self {
+            Backend::Reference => reference::evaluate(spec, inputs, upstream),
             Backend::Cpu => cpu::evaluate(spec, inputs, upstream),
             Backend::Cuda => {
                 let conv = |m: &MatRef<'_, f64>| -> Vec<f32> {
@@ -111,11 +115,20 @@ impl Backend {
         }
     }
 
+    /// The name `--backend` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Reference => "reference",
+            Backend::Cpu => "cpu",
+            Backend::Cuda => "cuda",
+        }
+    }
+
     /// Fails early, with the backend's own error, when this backend cannot run here
     /// (the CUDA backend without a driver or device).
     pub fn check_available(self) -> Result<()> {
         match self {
-            Backend::Cpu => Ok(()),
+            Backend::Reference | Backend::Cpu => Ok(()),
             Backend::Cuda => cuda::default_gpu().map(|_| ()),
         }
     }

@@ -1,11 +1,11 @@
 //! `infonce eval` end to end: the real binary on safetensors files written here, its outputs
-//! checked against `cpu::evaluate` on the same inputs (names, shapes and values), the golden cases
+//! checked against `reference::evaluate` on the same inputs (names, shapes and values), the golden cases
 //! run through the command line with their manifest flags, and every bad input: a non-zero exit,
 //! exactly one line on stderr naming the culprit, and no output file.
 
 use fused_infonce::{
-    bf16, cpu, f16, DystressGrad, Element, LossInputs, LossOutput, LossSpec, LossValue, MatRef,
-    Mode, Reduction, Upstream, Variant,
+    bf16, f16, reference, DystressGrad, Element, LossInputs, LossOutput, LossSpec, LossValue,
+    MatRef, Mode, Reduction, Upstream, Variant,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -336,7 +336,7 @@ impl<T: Element> Problem<T> {
             }
             Some((_, u)) => Upstream::PerAnchor(u.iter().map(|&x| x as f64).collect()),
         };
-        cpu::evaluate(spec, &inputs, &upstream).expect("reference")
+        reference::evaluate(spec, &inputs, &upstream).expect("reference")
     }
 
     /// Runs the binary with `flags` and checks every output against the reference for `spec`;

@@ -7,12 +7,12 @@
 
 mod support;
 
-use fused_infonce::cpu;
 use fused_infonce::cuda::paths::tensor_core::{self, filter_bound};
 use fused_infonce::cuda::{
     evaluate_device, DeviceElement, DeviceInputs, DeviceOptions, Gpu, GradFilter, KernelPath,
     QueueView,
 };
+use fused_infonce::reference;
 use fused_infonce::{bf16, f16, Error, LossInputs, LossSpec, Reduction, Upstream};
 use support::*;
 
@@ -46,7 +46,7 @@ fn queue_parity<T: DeviceElement>(n: usize, k: usize, d: usize, spec: LossSpec, 
     let dc = DevCase::new(&gpu, &c);
     let pos = up(&gpu, "positive", &c.b[..n * d], n, d);
     let (hi, di) = queue_inputs(&c, &dc, &pos);
-    let want = cpu::evaluate(&spec, &hi, &up_).unwrap();
+    let want = reference::evaluate(&spec, &hi, &up_).unwrap();
     let got = run_tc(&gpu, &spec, &di, &up_, &DeviceOptions::default());
     assert_close(
         &format!("tc queue {:?} {n}×{k}×{d}", T::DTYPE),
@@ -149,7 +149,7 @@ fn wrapped_ring() {
             len,
         },
     };
-    let want = cpu::evaluate(&spec, &hi, &Upstream::One).unwrap();
+    let want = reference::evaluate(&spec, &hi, &Upstream::One).unwrap();
     let got = run_tc(&gpu, &spec, &di, &Upstream::One, &DeviceOptions::default());
     assert_close(
         "tc wrapped ring",
@@ -173,7 +173,7 @@ fn gradient_filter_exact_and_bounded() {
     let pos = up(&gpu, "positive", &c.b[..n * d], n, d);
     let (hi, di) = queue_inputs(&c, &dc, &pos);
     let spec = LossSpec::queue().temperature(tau).build().unwrap();
-    let want = cpu::evaluate(&spec, &hi, &Upstream::One).unwrap();
+    let want = reference::evaluate(&spec, &hi, &Upstream::One).unwrap();
     let exact = run_tc(&gpu, &spec, &di, &Upstream::One, &DeviceOptions::default());
     assert_close(
         "exact filter",
@@ -295,7 +295,7 @@ fn pair_parity_weighted<T: DeviceElement>(
             },
         ),
     };
-    let want = cpu::evaluate(&spec, &hi, &up_).unwrap();
+    let want = reference::evaluate(&spec, &hi, &up_).unwrap();
     let got = run_tc(&gpu, &spec, &di, &up_, &DeviceOptions::default());
     assert_close(
         &format!("tc {:?} {:?} {n}×{m}×{d} {up_:?}", spec.mode(), T::DTYPE),
@@ -451,7 +451,7 @@ fn f32_with_tf32_opt_in_runs_on_tensor_cores() {
         .learnable_temperature(0.1)
         .build()
         .unwrap();
-    let want = cpu::evaluate(&spec, &hi, &Upstream::One).unwrap();
+    let want = reference::evaluate(&spec, &hi, &Upstream::One).unwrap();
     let got = run_tc(
         &gpu,
         &spec,
@@ -501,7 +501,7 @@ fn f32_with_tf32_opt_in_runs_on_tensor_cores() {
         positive: &dt,
         queue: QueueView::whole(&dc.c),
     };
-    let want = cpu::evaluate(&spec_n, &hi, &Upstream::One).unwrap();
+    let want = reference::evaluate(&spec_n, &hi, &Upstream::One).unwrap();
     let got = run_tc(
         &gpu,
         &spec_n,
@@ -573,7 +573,7 @@ fn normalized_inputs_on_tensor_cores() {
     };
     let check =
         |what: &str, spec: LossSpec, hi: LossInputs<'_, bf16>, di: DeviceInputs<'_, bf16>| {
-            let want = cpu::evaluate(&spec, &hi, &Upstream::One).unwrap();
+            let want = reference::evaluate(&spec, &hi, &Upstream::One).unwrap();
             let got = run_tc(&gpu, &spec, &di, &Upstream::One, &DeviceOptions::default());
             assert_close(what, &got, &want, TOL, &spec, &hi, &Upstream::One);
         };

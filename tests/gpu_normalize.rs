@@ -6,9 +6,9 @@ mod support;
 
 use support::{rel_l2, rel_l2_floor};
 
-use fused_infonce::cpu::normalize::{normalize_rows, normalize_rows_backward};
 use fused_infonce::cuda::steps::normalize as gpu_norm;
 use fused_infonce::cuda::{DeviceElement, DeviceMatrix, Gpu};
+use fused_infonce::reference::normalize::{normalize_rows, normalize_rows_backward};
 use fused_infonce::{bf16, f16, Element, MatRef};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

@@ -1,4 +1,4 @@
-//! CPU–GPU parity of the fused loss (`cuda::evaluate_on` against `cpu::evaluate`) over a grid of
+//! CPU–GPU parity of the fused loss (`cuda::evaluate_on` against `reference::evaluate`) over a grid of
 //! specs (modes × temperatures × variants × reductions × normalisation) and shapes that are not
 //! tile multiples (D ∈ {1, 7, 64, 128, 129, 768}, N = 1, K = 0), for f32, f16 and bf16. Every
 //! device output is poisoned (NaN) before the kernels run; NaN never passes. Tolerances (relative
@@ -15,7 +15,7 @@ use fused_infonce::cuda::{
     DeviceMatrix, DeviceOptions, Gpu, GradDType, QueueView,
 };
 use fused_infonce::{
-    bf16, cpu, f16, DType, DystressGrad, Element, Error, LossInputs, LossSpec, MatRef, Mode,
+    bf16, f16, reference, DType, DystressGrad, Element, Error, LossInputs, LossSpec, MatRef, Mode,
     Reduction, Temperature, Upstream, Variant,
 };
 use rand::rngs::StdRng;
@@ -506,7 +506,7 @@ fn parity_hard_k_ties() {
             .grad_queue(true)
             .build()
             .unwrap();
-        let want = cpu::evaluate(&spec, &inputs, &Upstream::One).unwrap();
+        let want = reference::evaluate(&spec, &inputs, &Upstream::One).unwrap();
         let got = evaluate_on(
             &gpu,
             &spec,

@@ -9,7 +9,7 @@ use fused_infonce::cuda::{
     evaluate_device_poisoned, DeviceGrad, DeviceInputs, DeviceMatrix, DeviceOptions, Gpu,
     NegativeQueue,
 };
-use fused_infonce::{cpu, LossInputs, LossSpec, MatRef, Upstream};
+use fused_infonce::{reference, LossInputs, LossSpec, MatRef, Upstream};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -110,7 +110,7 @@ fn wrapped_queue_matches_the_cpu_reference() {
             positive: MatRef::new("positive", &positive, n, d).unwrap(),
             queue: MatRef::new("queue", &logical, k, d).unwrap(),
         };
-        let want = cpu::evaluate(&spec, &inputs, &Upstream::One).unwrap();
+        let want = reference::evaluate(&spec, &inputs, &Upstream::One).unwrap();
         let (qd, pd) = (upload(&gpu, &query, n, d), upload(&gpu, &positive, n, d));
         let dev = DeviceInputs::Queue {
             query: &qd,

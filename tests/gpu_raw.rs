@@ -8,7 +8,9 @@ mod support;
 use cudarc::driver::{CudaSlice, DevicePtr};
 use fused_infonce::cuda::raw::{evaluate_raw, RawInputs, RawMatrix, RawOutputs};
 use fused_infonce::cuda::{DeviceOptions, Gpu, GradDType};
-use fused_infonce::{bf16, cpu, Element, LossInputs, LossSpec, MatRef, Mode, Reduction, Upstream};
+use fused_infonce::{
+    bf16, reference, Element, LossInputs, LossSpec, MatRef, Mode, Reduction, Upstream,
+};
 use support::{assert_outputs_close, unit_rows, Outputs, Scales};
 
 /// Device memory the "engine" owns, with its address.
@@ -99,7 +101,7 @@ fn run<T: Element + fused_infonce::cuda::DeviceElement>(
         .map(|(n, v, r, c)| MatRef::new(n, v, *r, *c).unwrap())
         .collect();
     let li = LossInputs::from_matrices(spec.mode(), &views, targets.as_deref()).unwrap();
-    let want = cpu::evaluate(spec, &li, &up).unwrap();
+    let want = reference::evaluate(spec, &li, &up).unwrap();
 
     // The caller's output buffers.
     let count = want.loss.values().len();

@@ -24,7 +24,7 @@ use fused_infonce::cuda::{DeviceElement, Gpu};
 use fused_infonce::{bf16, f16};
 use pairs::{sim64, sim_select, Fixture, Layout};
 
-/// The f64 reference's selection (cpu::anchor::select): `s ≥ s_(k)`, all kept when k ≥ #neg.
+/// The f64 reference's selection (reference::anchor::select): `s ≥ s_(k)`, all kept when k ≥ #neg.
 fn select64(s: &[f64], k: usize) -> (Vec<bool>, Option<f64>) {
     if k >= s.len() {
         return (vec![true; s.len()], None);

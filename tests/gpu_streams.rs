@@ -11,7 +11,7 @@ mod support;
 use fused_infonce::cuda::{
     evaluate_device, DeviceInputs, DeviceMatrix, DeviceOptions, Gpu, KernelPath, QueueView,
 };
-use fused_infonce::{bf16, cpu, LossInputs, LossSpec, Upstream};
+use fused_infonce::{bf16, reference, LossInputs, LossSpec, Upstream};
 use support::{assert_close, unit_rows};
 
 #[test]
@@ -47,7 +47,7 @@ fn every_path_orders_its_work_on_an_engines_streams() {
             .build()
             .unwrap();
         let up = Upstream::One;
-        let want = cpu::evaluate(&spec, &hi, &up).unwrap();
+        let want = reference::evaluate(&spec, &hi, &up).unwrap();
         // The engine's tensors, uploaded on its stream.
         let on_engine = |v: &[bf16], rows| {
             DeviceMatrix::from_slice(engine.clone_htod(v).unwrap(), rows, d).unwrap()

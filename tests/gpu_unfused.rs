@@ -5,9 +5,9 @@
 
 mod support;
 
-use fused_infonce::cpu;
 use fused_infonce::cuda::paths::unfused::{self, scratch_bytes};
 use fused_infonce::cuda::{DeviceElement, DeviceInputs, DeviceOptions, GradDType, QueueView};
+use fused_infonce::reference;
 use fused_infonce::{bf16, DType, Error, LossInputs, LossSpec, Mode, Reduction, Upstream, Variant};
 use support::*;
 
@@ -27,7 +27,7 @@ fn queue_case<T: DeviceElement>(spec: &LossSpec, n: usize, k: usize, d: usize, u
     let dc = DevCase::new(&gpu, &c);
     let pos = up(&gpu, "positive", &c.b[..n * d], n, d);
     let (hi, di) = queue_inputs(&c, &dc, &pos);
-    let want = cpu::evaluate(spec, &hi, &up_).unwrap();
+    let want = reference::evaluate(spec, &hi, &up_).unwrap();
     let got = unfused::evaluate(&gpu, spec, &di, &up_, &DeviceOptions::default()).unwrap();
     assert_close(
         &format!("queue {:?}", T::DTYPE),
@@ -101,7 +101,7 @@ fn queue_wrapped_ring() {
             len,
         },
     };
-    let want = cpu::evaluate(&spec, &hi, &Upstream::One).unwrap();
+    let want = reference::evaluate(&spec, &hi, &Upstream::One).unwrap();
     let got =
         unfused::evaluate(&gpu, &spec, &di, &Upstream::One, &DeviceOptions::default()).unwrap();
     assert_close(
@@ -135,7 +135,7 @@ fn inbatch_case<T: DeviceElement>(reduction: Reduction) {
     let hi = LossInputs::InBatch {
         embeddings: mat("embeddings", &e, n2, d),
     };
-    let want = cpu::evaluate(&spec, &hi, &up_).unwrap();
+    let want = reference::evaluate(&spec, &hi, &up_).unwrap();
     let got = unfused::evaluate(
         &gpu,
         &spec,
@@ -182,7 +182,7 @@ fn cross_f32_targets() {
         key: mat("key", &b, m, d),
         targets: Some(&t),
     };
-    let want = cpu::evaluate(&spec, &hi, &Upstream::One).unwrap();
+    let want = reference::evaluate(&spec, &hi, &Upstream::One).unwrap();
     let got = unfused::evaluate(
         &gpu,
         &spec,
@@ -222,7 +222,7 @@ fn symmetric_case<T: DeviceElement>(grad_dtype: GradDType) {
         query: mat("query", &a, n, d),
         key: mat("key", &b, n, d),
     };
-    let want = cpu::evaluate(&spec, &hi, &Upstream::One).unwrap();
+    let want = reference::evaluate(&spec, &hi, &Upstream::One).unwrap();
     let opts = DeviceOptions {
         grad_dtype,
         ..Default::default()
@@ -277,7 +277,7 @@ fn forward_only_returns_no_gradients() {
         &gpu,
         &unfused::evaluate(&gpu, &spec, &di, &Upstream::One, &opts).unwrap(),
     );
-    let want = cpu::evaluate(&spec, &hi, &Upstream::One).unwrap();
+    let want = reference::evaluate(&spec, &hi, &Upstream::One).unwrap();
     assert!(got.grads.is_empty());
     assert!(
         (got.loss[0] - want.loss.scalar().unwrap()).abs()

@@ -16,7 +16,7 @@
 //! the tolerance (1e-2 relative L2, as for f16/bf16 on a GPU) measures the kernels alone.
 
 use fused_infonce::{
-    bf16, cpu, f16, DystressGrad, LossInputs, LossOutput, LossSpec, MatRef, Mode, Reduction,
+    bf16, f16, reference, DystressGrad, LossInputs, LossOutput, LossSpec, MatRef, Mode, Reduction,
     Temperature, Upstream, Variant,
 };
 use rand::rngs::StdRng;
@@ -231,7 +231,7 @@ fn write_cases(dir: &Path, dt: &str) -> Vec<PathBuf> {
                         .then(|| (0..n).map(|_| rng.random_range(0..k as i64)).collect());
                     let inputs = case_inputs(mode, &data, n, k, d, targets.as_deref());
                     let (up, count) = upstream(&mut rng, mode, n, r);
-                    let out = cpu::evaluate(&spec, &inputs, &up).unwrap();
+                    let out = reference::evaluate(&spec, &inputs, &up).unwrap();
                     let w = up.weights(&spec, count).unwrap();
                     let (tau, learn) = match t {
                         Temperature::Fixed(x) => (x, 0),
@@ -460,7 +460,7 @@ fn write_v1_cases(dir: &Path) -> (Vec<PathBuf>, usize) {
                             let (up, count) = upstream(&mut rng, mode, n, r);
                             // Combinations the reference refuses (e.g. decoupled with one
                             // candidate) have no case.
-                            let Ok(out) = cpu::evaluate(&spec, &inputs, &up) else {
+                            let Ok(out) = reference::evaluate(&spec, &inputs, &up) else {
                                 continue;
                             };
                             let w = up.weights(&spec, count).unwrap();
@@ -686,7 +686,7 @@ fn write_hard_cases(dir: &Path) -> Vec<PathBuf> {
                         .then(|| (0..n).map(|_| rng.random_range(0..kk as i64)).collect());
                     let inputs = case_inputs(mode, &data, n, kk, d, targets.as_deref());
                     let (up, count) = upstream(&mut rng, mode, n, r);
-                    let out = cpu::evaluate(&spec, &inputs, &up).unwrap();
+                    let out = reference::evaluate(&spec, &inputs, &up).unwrap();
                     let w = up.weights(&spec, count).unwrap();
                     // The harness reads k from the comment line ("Hard { k: …" / "hard_k: Some(…").
                     let var = if matches!(v, Variant::Simple { .. }) {

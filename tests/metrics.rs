@@ -5,7 +5,7 @@ use approx::assert_relative_eq;
 use fused_infonce::data::{stack, two_views, Clustered};
 use fused_infonce::metrics::{self, NegativeSimilarities, Negatives, UNIFORMITY_T};
 use fused_infonce::{
-    cpu, DystressGrad, LossInputs, LossSpec, MatRef, Matrix, Temperature, Upstream,
+    reference, DystressGrad, LossInputs, LossSpec, MatRef, Matrix, Temperature, Upstream,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -221,7 +221,7 @@ fn relative_penalty_matches_the_loss_gradient() {
         positive: MatRef::new("positive", &p.data, 1, 6).unwrap(),
         queue: MatRef::new("queue", &queue.data, 9, 6).unwrap(),
     };
-    let out = cpu::evaluate(&spec, &inputs, &Upstream::One).unwrap();
+    let out = reference::evaluate(&spec, &inputs, &Upstream::One).unwrap();
     let neg = NegativeSimilarities::new(Negatives::Queue {
         query: &q,
         queue: &queue,

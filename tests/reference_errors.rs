@@ -6,8 +6,8 @@ mod common;
 
 use common::{Case, Params};
 use fused_infonce::{
-    cpu, DystressGrad, Error, LossInputs, LossSpec, MatRef, Mode, Reduction, Temperature, Upstream,
-    Variant,
+    reference, DystressGrad, Error, LossInputs, LossSpec, MatRef, Mode, Reduction, Temperature,
+    Upstream, Variant,
 };
 
 /// The message of an expected error; fails (with `who`) when `r` is `Ok`.
@@ -30,7 +30,7 @@ fn data(len: usize) -> Vec<f64> {
     (0..len).map(|i| 0.3 + 0.17 * i as f64).collect()
 }
 
-/// `cpu::evaluate` of a queue problem with the given shapes (data of the right length).
+/// `reference::evaluate` of a queue problem with the given shapes (data of the right length).
 fn queue(
     spec: &LossSpec,
     (n, d): (usize, usize),
@@ -43,7 +43,7 @@ fn queue(
         positive: MatRef::new("positive", &p, np, dp)?,
         queue: MatRef::new("queue", &m, k, dk)?,
     };
-    cpu::evaluate(spec, &inputs, &Upstream::One)
+    reference::evaluate(spec, &inputs, &Upstream::One)
 }
 
 fn two(
@@ -63,7 +63,7 @@ fn two(
         },
         _ => LossInputs::Symmetric { query, key },
     };
-    cpu::evaluate(spec, &inputs, &Upstream::One)
+    reference::evaluate(spec, &inputs, &Upstream::One)
 }
 
 fn inbatch(
@@ -75,7 +75,7 @@ fn inbatch(
     let inputs = LossInputs::InBatch {
         embeddings: MatRef::new("embeddings", &e, rows, d)?,
     };
-    cpu::evaluate(spec, &inputs, &Upstream::One)
+    reference::evaluate(spec, &inputs, &Upstream::One)
 }
 
 #[test]
@@ -352,7 +352,7 @@ fn bad_upstreams_are_rejected() {
             );
         }
         expect_err(
-            cpu::evaluate_chunked(&spec(Reduction::Mean), &case.inputs(), &Upstream::One, 0),
+            reference::evaluate_chunked(&spec(Reduction::Mean), &case.inputs(), &Upstream::One, 0),
             &["chunk"],
             &who("chunk 0"),
         );

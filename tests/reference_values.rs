@@ -6,7 +6,7 @@ mod common;
 
 use common::{rel, rel_err, Case, Params, Tensor};
 use fused_infonce::{
-    bf16, cpu, f16, DystressGrad, Element, LossOutput, LossSpec, LossValue, MatRef, Mode,
+    bf16, f16, reference, DystressGrad, Element, LossOutput, LossSpec, LossValue, MatRef, Mode,
     Reduction, Temperature, Upstream, Variant,
 };
 use fused_infonce::{LossInputs, Matrix};
@@ -22,7 +22,7 @@ fn cross_entropy_123(tau: f64) -> f64 {
         key: MatRef::new("key", &k, 3, 1).expect("key"),
         targets: Some(&[2]),
     };
-    let out = cpu::evaluate(&spec, &inputs, &Upstream::One).expect("evaluate");
+    let out = reference::evaluate(&spec, &inputs, &Upstream::One).expect("evaluate");
     out.loss.scalar().expect("scalar")
 }
 
@@ -70,7 +70,7 @@ fn cross_entropy_of_logits_1_2_3() {
         key: MatRef::new("key", &k, 3, 1).expect("key"),
         targets: Some(&[0]),
     };
-    let wrong = cpu::evaluate(&spec, &inputs, &Upstream::One).expect("evaluate");
+    let wrong = reference::evaluate(&spec, &inputs, &Upstream::One).expect("evaluate");
     let want = 20.0 + (1.0 + (-10f64).exp() + (-20f64).exp()).ln();
     assert!(rel(wrong.loss.scalar().expect("scalar"), want, 0.0) < 1e-14);
 }
@@ -536,7 +536,7 @@ fn hard_k_keeps_every_tie_at_the_threshold() {
             positive: MatRef::new("positive", &p, 1, 1).expect("p"),
             queue: MatRef::new("queue", &m, 5, 1).expect("m"),
         };
-        let out = cpu::evaluate(&spec, &inputs, &Upstream::One).expect("evaluate");
+        let out = reference::evaluate(&spec, &inputs, &Upstream::One).expect("evaluate");
         let z: Vec<f64> = std::iter::once(0.2)
             .chain(kept.iter().copied())
             .map(|s| s / tau)
@@ -624,7 +624,7 @@ fn chunked_evaluation_equals_unchunked() {
                     let whole = case.evaluate(&spec, &up).expect("evaluate");
                     for chunk in [1, 2, 3, 7, k.max(1)] {
                         let who = format!("{} {p:?} chunk {chunk}", case.label);
-                        let c = cpu::evaluate_chunked(&spec, &case.inputs(), &up, chunk)
+                        let c = reference::evaluate_chunked(&spec, &case.inputs(), &up, chunk)
                             .expect("chunked");
                         assert_close(&c, &whole, 1e-12, &who);
                     }
@@ -648,7 +648,7 @@ fn same_as_f64_of_rounded<T: Element>(case: &Case, spec: &LossSpec, up: &Upstrea
     // The rounding really changed the data (else the test would prove nothing for f16/bf16/f32).
     assert_ne!(rounded.mats[0].data, case.mats[0].data, "{}", T::DTYPE);
     let slices: Vec<&[T]> = low.iter().map(|v| v.as_slice()).collect();
-    let got = cpu::evaluate(spec, &case.inputs_of(&slices), up).expect("low precision");
+    let got = reference::evaluate(spec, &case.inputs_of(&slices), up).expect("low precision");
     let want = rounded.evaluate(spec, up).expect("f64");
     assert_eq!(got, want, "{} {} {spec:?}", T::DTYPE, case.label);
 }

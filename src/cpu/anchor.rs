@@ -1,177 +1,134 @@
-//! One anchor's loss and its gradient with respect to the similarities (spec: *The standard loss*,
-//! *Temperature*, *Variants*).
+//! One anchor's loss and gradient coefficients from its merged online state, in f64 and in the
+//! reference's own formulas (`reference::anchor::anchor_loss`): the standard loss as `ln(1 + r)` when the
+//! positive is the largest logit, the decoupled and simple variants, `∂L/∂τ`.
 
-use super::lse::LsePartial;
+use super::kernels::Kind;
+use crate::reference::LsePartial;
 use crate::spec::{Temperature, Variant};
-use std::cmp::Ordering;
 
-/// What one anchor contributes.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct AnchorOut {
-    /// `L_i` (not weighted).
+/// An anchor's merged online state over its (selected) negatives: logits' max `m`, `Σ exp(z − m)`,
+/// `Σ exp(z − m) z` (the simple variant: `m = 0`, the count and `Σ s`), and `s₊`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Merged {
+    pub m: f64,
+    pub sum: f64,
+    pub zsum: f64,
+    pub s_pos: f32,
+}
+
+/// What the gradient passes need of one anchor.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Fin {
+    /// `L_i` (unweighted).
     pub loss: f64,
-    /// The LSE of the variant's denominator (`None` for simple).
-    pub lse: Option<f64>,
-    /// `w_i ∂L_i/∂s_i+`.
-    pub d_pos: f64,
-    /// `w_i ∂L_i/∂s_ij` per negative (0 for negatives a hard-k selection drops).
-    pub d_neg: Vec<f64>,
-    /// `w_i ∂L_i/∂τ` for a constant τ (`−(1/τ) Σ_c (∂L/∂z_c) z_c`); 0 for simple.
-    pub d_tau: f64,
+    /// The LSE of the loss's denominator (NaN for the simple variant, which has none).
+    pub lse: f64,
+    /// `w ∂L/∂s₊`.
+    pub dpos: f64,
+    /// The coefficient of the forward's `U = Σ_j u_j b_j` in the anchor's gradient
+    /// (`w e^(m−lse)/τ`, DySTreSS `w e^(m−lse)`, simple `w λ`).
+    pub ucoef: f64,
+    /// The coefficient of a negative's backward weight ([`super::kernels::backward_row`]).
+    pub gcoef: f64,
+    /// `w ∂L/∂τ` (learnable τ).
+    pub dtau: f64,
 }
 
-/// The hard-negative selection (Wang & Liu eq. 9): `s_j ≥ s_(k)`, ties at the threshold kept.
-/// `k ≥ #negatives` (or no k) keeps every negative. Ordering by `f64::total_cmp`, so NaN never
-/// panics; a NaN of either sign counts as the largest value, so it is selected and propagates
-/// (`total_cmp` alone would rank a negative NaN, what x86 makes of 0/0 or ∞·0, below −∞ and drop
-/// it silently).
-pub(crate) fn select(s_neg: &[f64], k: Option<usize>) -> Vec<bool> {
-    let Some(k) = k.filter(|&k| k < s_neg.len()) else {
-        return vec![true; s_neg.len()];
-    };
-    let key = |x: f64| if x.is_nan() { f64::NAN } else { x };
-    let mut sorted: Vec<f64> = s_neg.iter().map(|&s| key(s)).collect();
-    sorted.sort_unstable_by(|a, b| b.total_cmp(a));
-    let thr = sorted[k - 1];
-    s_neg
-        .iter()
-        .map(|&s| s >= thr || key(s).total_cmp(&thr) != Ordering::Less)
-        .collect()
+/// The loss's constants.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LossCtx {
+    pub temp: Temperature,
+    pub variant: Variant,
+    pub kind: Kind,
 }
 
-/// The loss of one anchor with positive similarity `s_pos` and negative similarities `s_neg`,
-/// weighted by `w` in the gradients. The negatives' LSE is accumulated in chunks of `chunk`
-/// negatives whose partials are merged (`chunk ≥ s_neg.len()` is one pass).
-pub(crate) fn anchor_loss(
-    s_pos: f64,
-    s_neg: &[f64],
-    temp: &Temperature,
-    variant: &Variant,
-    w: f64,
-    chunk: usize,
-) -> AnchorOut {
-    let keep = select(s_neg, variant.hard_k());
-    if let Variant::Simple { lambda, .. } = *variant {
-        // Eq. 3: −s+ + λ Σ_sel s_j, no temperature.
-        let count = keep.iter().filter(|&&k| k).count();
-        let lambda = lambda.unwrap_or(if count > 0 { 1.0 / count as f64 } else { 0.0 });
-        let sum: f64 = s_neg
-            .iter()
-            .zip(&keep)
-            .filter(|(_, &k)| k)
-            .map(|(s, _)| s)
-            .sum();
-        return AnchorOut {
-            loss: -s_pos + lambda * sum,
-            lse: None,
-            d_pos: -w,
-            d_neg: keep
-                .iter()
-                .map(|&k| if k { w * lambda } else { 0.0 })
-                .collect(),
-            d_tau: 0.0,
+/// Finalises one anchor with weight `w` (spec: *The standard loss*, *Variants*, *Temperature*).
+pub(crate) fn finalize(st: Merged, w: f64, ctx: &LossCtx) -> Fin {
+    let s_pos = st.s_pos as f64;
+    if let Variant::Simple { lambda, .. } = ctx.variant {
+        let count = st.sum;
+        let lambda = lambda.unwrap_or(if count > 0.0 { 1.0 / count } else { 0.0 });
+        return Fin {
+            loss: -s_pos + lambda * st.zsum,
+            lse: f64::NAN,
+            dpos: -w,
+            ucoef: w * lambda,
+            gcoef: w * lambda,
+            dtau: 0.0,
         };
     }
-    let logit = |s: f64| s / temp.tau(s);
-    let z_pos = logit(s_pos);
-    let z_neg: Vec<f64> = s_neg.iter().map(|&s| logit(s)).collect();
-    // The negatives' partials, chunk by chunk, merged.
-    let chunk = chunk.max(1);
-    let neg = z_neg
-        .chunks(chunk)
-        .zip(keep.chunks(chunk))
-        .map(|(zc, kc)| {
-            let mut p = LsePartial::EMPTY;
-            for (&z, &k) in zc.iter().zip(kc) {
-                if k {
-                    p.push(z);
-                }
-            }
-            p
-        })
-        .fold(LsePartial::EMPTY, LsePartial::merge);
-    let decoupled = *variant == Variant::Decoupled;
+    let temp = ctx.temp;
+    let z_pos = s_pos / temp.tau(s_pos);
+    let neg = LsePartial {
+        max: st.m,
+        sum: st.sum,
+    };
+    let decoupled = ctx.variant == Variant::Decoupled;
     let lse = if decoupled {
         neg.lse()
     } else {
         LsePartial::of(&[z_pos]).merge(neg).lse()
     };
-    // Standard: L = log(1 + r), r = Σ_j exp(z_j − z+). When the positive is the largest logit
-    // r ≤ #negatives cannot overflow, and ln_1p keeps L's relative precision as L → 0, where
-    // `lse − z+` rounds L to a multiple of ulp(z+) (3e-11 relative for the logits [10, 20, 30] of
-    // spec/losses.md's limits, exactly 0 for [100, 200, 300]).
+    // As the reference: L = ln(1 + r), r = Σ exp(z_j − z₊), when the positive is the largest.
     let r = (!decoupled && z_pos.is_finite() && neg.max <= z_pos)
         .then(|| neg.sum * (neg.max - z_pos).exp());
     let loss = match r {
         Some(r) => r.ln_1p(),
         None => lse - z_pos,
     };
-    // ∂L/∂z: standard P_c − [c = +] (P+ − 1 = −r/(1 + r)); decoupled −1 for the positive,
-    // softmax over negatives.
     let dz_pos = match r {
         _ if decoupled => -w,
         Some(r) => -w * (r / (1.0 + r)),
         None => w * ((z_pos - lse).exp() - 1.0),
     };
-    let dz_neg: Vec<f64> = z_neg
-        .iter()
-        .zip(&keep)
-        .map(|(&z, &k)| if k { w * (z - lse).exp() } else { 0.0 })
-        .collect();
+    // P_j = exp(z_j − m) · c.
+    let c = if st.sum == 0.0 {
+        0.0
+    } else {
+        (st.m - lse).exp()
+    };
     let tau = temp.tau(0.0);
-    let d_tau = -(dz_pos * z_pos
-        + dz_neg
-            .iter()
-            .zip(&z_neg)
-            .filter(|(d, _)| **d != 0.0)
-            .map(|(d, z)| d * z)
-            .sum::<f64>())
-        / tau;
-    AnchorOut {
+    let dtau = if temp.is_learnable() {
+        -(dz_pos * z_pos + w * c * st.zsum) / tau
+    } else {
+        0.0
+    };
+    let (ucoef, gcoef) = match ctx.kind {
+        Kind::Scaled { .. } => (w * c / tau, w / tau),
+        _ => (w * c, w),
+    };
+    Fin {
         loss,
-        lse: Some(lse),
-        d_pos: dz_pos * temp.dz_ds(s_pos),
-        d_neg: dz_neg
-            .iter()
-            .zip(s_neg)
-            .map(|(&d, &s)| if d == 0.0 { 0.0 } else { d * temp.dz_ds(s) })
-            .collect(),
-        d_tau,
+        lse,
+        dpos: dz_pos * temp.dz_ds(s_pos),
+        ucoef,
+        gcoef,
+        dtau,
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn selection_keeps_ties_and_survives_nan() {
-        let s = [0.1, 0.5, 0.3, 0.5, -0.2];
-        assert_eq!(select(&s, Some(1)), vec![false, true, false, true, false]);
-        assert_eq!(select(&s, Some(3)), vec![false, true, true, true, false]);
-        assert_eq!(select(&s, Some(5)), vec![true; 5]);
-        assert_eq!(select(&s, Some(9)), vec![true; 5]);
-        let with_nan = [0.1, f64::NAN, 0.3];
-        assert_eq!(select(&with_nan, Some(2)), vec![false, true, true]);
-        let with_negative_nan = [0.1, -f64::NAN, 0.3];
-        assert_eq!(
-            select(&with_negative_nan, Some(1)),
-            vec![false, true, false]
-        );
-    }
-
-    #[test]
-    fn empty_queue_is_zero_loss_zero_gradient() {
-        let out = anchor_loss(
-            0.7,
-            &[],
-            &Temperature::Fixed(0.1),
-            &Variant::Standard,
-            1.0,
-            4,
-        );
-        assert_eq!(out.loss, 0.0);
-        assert_eq!(out.lse, Some(0.7 / 0.1));
-        assert_eq!(out.d_pos, 0.0);
-    }
+/// Merges chunk states of one anchor in the given (fixed) order: `(m, sum, zsum)` rescaled to the
+/// common max. The simple variant's states all have `m = 0` and simply add.
+pub(crate) fn merge_chunks(
+    parts: impl Iterator<Item = (f32, f32, f32)>,
+) -> (f64, f64, f64, Vec<f64>) {
+    let parts: Vec<(f64, f64, f64)> = parts
+        .map(|(m, s, z)| (m as f64, s as f64, z as f64))
+        .collect();
+    let m = parts
+        .iter()
+        .fold(f64::NEG_INFINITY, |a, p| if p.0 > a { p.0 } else { a });
+    let factors: Vec<f64> = parts
+        .iter()
+        .map(|p| {
+            if p.0 == f64::NEG_INFINITY {
+                0.0
+            } else {
+                (p.0 - m).exp()
+            }
+        })
+        .collect();
+    let sum = parts.iter().zip(&factors).map(|(p, f)| p.1 * f).sum();
+    let zsum = parts.iter().zip(&factors).map(|(p, f)| p.2 * f).sum();
+    (m, sum, zsum, factors)
 }

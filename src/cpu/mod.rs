@@ -1,242 +1,418 @@
-//! The CPU reference: plain, f64-accumulating, obviously correct. Every kernel is judged by it.
+//! The fast CPU backend: fused, blocked, multi-threaded, f32 arithmetic.
 //!
-//! [`evaluate`] follows spec/losses.md symbol by symbol:
+//! [`evaluate`] has exactly the contract of the f64 reference [`crate::reference::evaluate`]: the same
+//! spec, inputs and upstream, the same validation ([`LossInputs::validate`],
+//! [`Upstream::weights`]) and errors, the same [`LossOutput`] layout and conventions (read the
+//! reference's module docs: anchor order, symmetric rows then columns, reductions, `lse` /
+//! `lse_cols`, `hard:k` ties, `simple:λ`, DySTreSS, the empty queue, NaN). Only the arithmetic
+//! differs: f32 tiles, f64 per-anchor scalars.
 //!
-//! 1. [`LossInputs::validate`] (the one shape check) and [`Upstream::weights`] (the per-anchor
-//!    weights `w_i`, the mean's `1/N` and symmetric's ½ included);
-//! 2. every input row is read into f64 (via [`Element::to_f64`], one generic path for every dtype)
-//!    and L2-normalised when the spec asks;
-//! 3. per anchor (in parallel with rayon): the similarities `s = a · b`, the logits
-//!    `z = s / τ(s)`, the LSE by running max (negatives in chunks merged with [`LsePartial`]),
-//!    the loss and `w_i ∂L_i/∂s` for the positive and every negative;
-//! 4. the embedding gradients from `∂s/∂a = b`, `∂s/∂b = a`, chained through the normalisation.
+//! # How
+//! Anchors are cut into blocks of [`Blocking::anchors`] rows and keys into blocks of
+//! [`Blocking::keys`] rows ([`Blocking::for_dim`], tuned on the presets). For each tile the
+//! similarity block `S = A_I·B_Jᵀ` comes from faer's single-threaded matrix product (`gemm.rs`;
+//! why faer: bench/NOTES-cpu.md), then the temperature, the mask (positive, self, hard
+//! negatives), the online log-sum-exp and the gradient weights are computed while the tile is in
+//! cache, with a vectorised `exp`. Nothing N×K is ever stored:
+//! - `queue`, `cross`: one forward sweep per anchor block over the key blocks computes the LSE
+//!   and, beside it, the softmax-weighted key sum (rescaled when the running max moves, as
+//!   flash-attention does), so the loss, `lse` and the anchor gradient cost two block products
+//!   per tile and one read of the keys (`queue` is done in this one pass); the key gradients
+//!   (`cross`, `grad_queue`) come from a second sweep per key block that recomputes `S` from the
+//!   stored per-anchor LSE (two more products). See `pair.rs`.
+//! - `inbatch`: `S = E·Eᵀ` is symmetric, so each unordered pair of blocks is one tile serving the
+//!   anchors of both (its rows and its columns): a forward pass (LSEs) and a backward pass
+//!   (`dE += H·E` both ways), half the products of a row-by-row schedule. See `inbatch.rs`.
+//! - `symmetric`: a forward pass (row and column LSEs from the same tiles) and a backward pass
+//!   (`dA += G·B`, `dB += Gᵀ·A`), each in conflict-free rounds of tiles. See `symmetric.rs`.
+//! - `hard:k`: an exact radix select of each anchor's k-th largest negative similarity (four 8-bit
+//!   digits, four extra sweeps of `S`) on the very similarities the loss passes compute, so the
+//!   reference's tie rule (every `s ≥ s_(k)` kept) holds bit for bit.
 //!
-//! Conventions:
-//! - Anchor losses: `queue` and `cross` have N, `inbatch` 2N (row `a`'s positive is row
-//!   `(a+N) mod 2N`), `symmetric` 2N: the row losses `i = 0..N` (anchor `a_i`, positive `b_i`),
-//!   then the column losses `j = 0..N` (anchor `b_j`, positive `a_j`). Rows and columns select
-//!   their hard negatives separately.
-//! - Reductions: `mean` is the mean over anchors, `sum` the sum; in `symmetric` mode `sum` is
-//!   ½(Σ rows + Σ cols) and `mean` is ½(mean rows + mean cols). `none` returns the per-anchor losses
-//!   ([`LossValue::PerAnchor`]; symmetric: the unhalved row and column losses in
-//!   [`LossValue::Symmetric`]) and takes one upstream weight per anchor loss (2N in symmetric mode:
-//!   rows then columns).
-//! - `lse`: per anchor, the LSE of the loss's denominator: positive and (selected) negatives for
-//!   standard and `hard:k`, the negatives only for `decoupled`; symmetric adds `lse_cols`
-//!   (`Some` exactly in symmetric mode). The simple variant has no exponentials: `lse` is empty
-//!   (and `lse_cols` is `Some` of an empty vector in symmetric mode).
-//! - An empty queue (K = 0) gives the standard loss 0, LSE = `z+`, zero gradients.
-//! - `hard:k`: `s_(k)` is the k-th largest negative *similarity* of the anchor; every negative with
-//!   `s ≥ s_(k)` is kept (ties all kept, so more than k may be); `k ≥ #negatives` is the standard
-//!   loss. Ordering uses `f64::total_cmp`, so NaN never panics.
-//! - `simple:λ`: `−s+ + λ Σ_(selected) s_j`, no temperature; the default λ is
-//!   `1/#(selected negatives)`, and with no negatives the loss is `−s+`. `grad_temperature` is
-//!   `Some(0.0)` when the temperature is learnable.
-//! - DySTreSS applies `τ(s)` to every logit, the positive included; the gradient through `τ(s)`
-//!   follows [`crate::Temperature::dz_ds`] (`detach` or `full`).
-//! - `grad_temperature` is `dL/dτ` for a learnable τ, `None` otherwise.
-//! - Gradients are with respect to the tensors as given (through the optional normalisation), in
-//!   input order; the queue's only when [`LossSpec::grad_queue`].
-//! - Non-finite inputs are not rejected here (the command line checks them unless told not to):
-//!   NaN propagates into the loss and gradients as in PyTorch, and nothing panics.
+//! # Threads and determinism
+//! Work is split into tasks by the shape alone (blocks, and a fixed number of key chunks where
+//! anchor blocks are few, as MoCo's N = 256), run with rayon in the current pool, and every
+//! reduction across tasks is merged in a fixed order. The result is bitwise identical for any
+//! number of threads on one machine (the vectorised kernels and faer pick their code by CPU
+//! features, so two machines may differ in the last bits).
+//!
+//! # Memory
+//! Nothing N×K. Beyond the inputs and the f64 gradients: per thread a few tiles and blocks
+//! (`O(block × (block + D))` floats), per anchor a handful of scalars, and in `queue` and `cross`
+//! mode the forward's softmax-weighted key sums, which are the anchor gradient's f32 accumulators
+//! (N × D; where anchors are few the key chunks each keep their own, at most 16 blocks of
+//! `block × D` more). The tile passes (`inbatch`, `symmetric`) accumulate in f32 inside the f64
+//! gradients' own memory and widen in place. f32 inputs that are not normalised are read in
+//! place; f16, bf16, f64 and normalised inputs are converted (and normalised) block by block into
+//! each task's buffer, never copied whole.
+//!
+//! # Precision and dtypes
+//! f32, f16 and bf16 inputs are computed exactly as stored, in f32. f64 inputs are accepted (as
+//! the reference) and rounded to f32 when a block is read: this backend's precision is f32's
+//! whatever the input type. Tiles, products and the gradients' accumulation within a pass are
+//! f32; per-anchor scalars (the LSE merge, loss, `∂L/∂τ`) and the merge of key chunks' partials
+//! are f64. Agreement with the reference: 1e-6 relative L2 or better over the test grid.
 
-pub(crate) mod anchor;
-pub mod lse;
-pub mod normalize;
-pub(crate) mod problem;
+mod anchor;
+pub mod bench;
+mod gemm;
+mod inbatch;
+mod kernels;
+mod pair;
+mod simd;
+mod source;
+mod symmetric;
+pub mod unfused;
 
-pub use lse::LsePartial;
+use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::loss::{Gradient, LossInputs, LossOutput, LossValue, Upstream};
-use crate::spec::{LossSpec, Mode, Reduction};
+use crate::reference::normalize::normalize_row_backward;
+use crate::spec::{LossSpec, Reduction, Temperature, Variant};
 use crate::tensor::{Element, Matrix};
-use anchor::{anchor_loss, AnchorOut};
-use normalize::normalize_rows_backward;
-use problem::{Problem, Rows};
-use rayon::prelude::*;
+use anchor::{Fin, LossCtx};
+use inbatch::InBatchProblem;
+use kernels::{Kind, Pos, RowLoss};
+use pair::PairProblem;
+use source::Source;
+use symmetric::SymProblem;
 
-/// Evaluates `spec` on `inputs` in f64: the loss, per-anchor LSEs and every gradient
-/// (spec/losses.md, symbol by symbol; conventions in the [module docs](self)).
+/// Block sizes of the tile grid: anchors (tile rows) and keys (tile columns) per block.
 ///
-/// `upstream` is the gradient of the reduced loss (a scalar for `mean`/`sum`, one weight per
-/// anchor loss for `none`). Errors: every shape and parameter error of [`LossInputs::validate`]
-/// and [`Upstream::weights`]; nothing here panics on bad input.
+/// [`Blocking::for_dim`] is the tuned default; other sizes give the same result up to f32
+/// rounding (tests use small blocks to exercise many tiles on small shapes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Blocking {
+    /// Anchor rows per block.
+    pub anchors: usize,
+    /// Key rows per block.
+    pub keys: usize,
+}
+
+impl Blocking {
+    /// The default for embedding dimension `d`, tuned on the CPU presets (bench/NOTES-cpu.md):
+    /// 256 × 256 up to D = 256 (a tile and its weights 0.5 MB, a key block 0.25 MB at D = 128),
+    /// 512 × 512 beyond (at D = 768 the products dominate and larger tiles run them faster).
+    pub fn for_dim(d: usize) -> Blocking {
+        let b = if d <= 256 { 256 } else { 512 };
+        Blocking {
+            anchors: b,
+            keys: b,
+        }
+    }
+}
+
+/// Evaluates `spec` on `inputs` with the fused CPU kernels: the loss, per-anchor LSEs and every
+/// gradient, as [`crate::reference::evaluate`] (same contract and conventions; f32 arithmetic, see the
+/// [module docs](self)). Runs on the current rayon pool.
+///
+/// Errors: every shape and parameter error of [`LossInputs::validate`] and
+/// [`Upstream::weights`]; nothing here panics on bad input.
+///
+/// ```
+/// use fused_infonce::{reference, cpu, LossInputs, LossSpec, MatRef, Upstream};
+/// let q = [1.0f32, 0.0, 0.0, 1.0];
+/// let p = [0.9f32, 0.1, 0.1, 0.9];
+/// let m = [0.0f32, 1.0, 1.0, 0.0, -1.0, 0.0];
+/// let spec = LossSpec::queue().temperature(0.1).normalize(true).build()?;
+/// let inputs = LossInputs::Queue {
+///     query: MatRef::new("query", &q, 2, 2)?,
+///     positive: MatRef::new("positive", &p, 2, 2)?,
+///     queue: MatRef::new("queue", &m, 3, 2)?,
+/// };
+/// let fast = cpu::evaluate(&spec, &inputs, &Upstream::One)?;
+/// let reference = reference::evaluate(&spec, &inputs, &Upstream::One)?;
+/// let (a, b) = (fast.loss.scalar().unwrap(), reference.loss.scalar().unwrap());
+/// assert!((a - b).abs() <= 1e-5 * b.abs());
+/// # Ok::<(), fused_infonce::Error>(())
+/// ```
 pub fn evaluate<T: Element>(
     spec: &LossSpec,
     inputs: &LossInputs<'_, T>,
     upstream: &Upstream,
 ) -> Result<LossOutput> {
-    evaluate_impl(spec, inputs, upstream, usize::MAX)
+    let d = inputs.matrices().first().map_or(1, |m| m.cols());
+    evaluate_blocked(spec, inputs, upstream, Blocking::for_dim(d))
 }
 
-/// As [`evaluate`], with each anchor's negatives split into chunks of `chunk` whose LSE partials
-/// ([`LsePartial`]) are merged: the structure of the GPU kernels and of streamed or sharded queues.
-/// Equal to [`evaluate`] up to floating-point reassociation (about 1e-15 relative).
+/// As [`evaluate`] on the tile grid of `blocking`.
 ///
-/// Errors as [`evaluate`], and [`Error::Parameter`] for `chunk = 0`.
-pub fn evaluate_chunked<T: Element>(
+/// Errors as [`evaluate`], and [`Error::Parameter`] for a block size of 0.
+pub fn evaluate_blocked<T: Element>(
     spec: &LossSpec,
     inputs: &LossInputs<'_, T>,
     upstream: &Upstream,
-    chunk: usize,
+    blocking: Blocking,
 ) -> Result<LossOutput> {
-    if chunk == 0 {
-        return Err(Error::parameter("chunk", 0, "must be >= 1"));
+    if blocking.anchors == 0 || blocking.keys == 0 {
+        return Err(Error::parameter(
+            "blocking",
+            format!("{}×{}", blocking.anchors, blocking.keys),
+            "block sizes must be >= 1",
+        ));
     }
-    evaluate_impl(spec, inputs, upstream, chunk)
-}
-
-fn evaluate_impl<T: Element>(
-    spec: &LossSpec,
-    inputs: &LossInputs<'_, T>,
-    upstream: &Upstream,
-    chunk: usize,
-) -> Result<LossOutput> {
-    let problem = Problem::build(spec, inputs, spec.normalize())?;
-    let count = problem.anchors.len();
-    let weights = upstream.weights(spec, count)?;
-    let temp = spec.temperature();
-    let variant = spec.variant();
-
-    // Per anchor: the loss, the LSE, w ∂L/∂s, and the anchor row's own gradient Σ_c (w ∂L/∂s_c) key_c.
-    let per_anchor: Vec<(AnchorOut, Vec<f64>)> = problem
-        .anchors
-        .par_iter()
-        .zip(weights.par_iter())
-        .map(|(def, &w)| {
-            let a = problem.row(def.anchor);
-            let keys = &problem.mats[def.negatives.mat];
-            let s_pos = problem.sim(def.anchor, def.positive);
-            let s_neg: Vec<f64> = def
-                .negatives
-                .rows()
-                .map(|r| problem::dot(a, keys.row(r)))
-                .collect();
-            let out = anchor_loss(s_pos, &s_neg, &temp, &variant, w, chunk);
-            let mut da: Vec<f64> = problem
-                .row(def.positive)
-                .iter()
-                .map(|p| out.d_pos * p)
-                .collect();
-            for (r, &d) in def.negatives.rows().zip(&out.d_neg) {
-                if d != 0.0 {
-                    for (g, k) in da.iter_mut().zip(keys.row(r)) {
-                        *g += d * k;
-                    }
-                }
-            }
-            (out, da)
-        })
-        .collect();
-
-    // Scatter into the gradients of the (normalised) rows.
-    let wanted: Vec<bool> = problem
-        .mats
-        .iter()
-        .enumerate()
-        .map(|(m, _)| !(spec.mode() == Mode::Queue && m == 2 && !spec.grad_queue()))
-        .collect();
-    let mut du: Vec<Matrix> = problem
-        .mats
-        .iter()
-        .map(|m| Matrix::zeros(m.rows, m.cols))
-        .collect();
-    for (def, (out, da)) in problem.anchors.iter().zip(&per_anchor) {
-        add(&mut du[def.anchor.mat], def.anchor.row, 1.0, da);
-        let a = problem.row(def.anchor);
-        if wanted[def.positive.mat] {
-            add(&mut du[def.positive.mat], def.positive.row, out.d_pos, a);
-        }
-        if wanted[def.negatives.mat] {
-            for (r, &d) in def.negatives.rows().zip(&out.d_neg) {
-                if d != 0.0 {
-                    add(&mut du[def.negatives.mat], r, d, a);
-                }
-            }
-        }
-    }
-    let grads: Vec<Gradient> = problem
-        .mats
-        .iter()
-        .zip(du)
-        .zip(&wanted)
-        .filter(|(_, &w)| w)
-        .map(|((m, g), _)| Gradient {
-            name: m.name,
-            value: chain_normalize(m, g),
-        })
-        .collect();
-
-    let losses: Vec<f64> = per_anchor.iter().map(|(o, _)| o.loss).collect();
-    let simple = matches!(variant, crate::Variant::Simple { .. });
-    let lses: Vec<f64> = if simple {
-        Vec::new()
-    } else {
-        per_anchor
-            .iter()
-            .map(|(o, _)| o.lse.unwrap_or(f64::NAN))
-            .collect()
+    let shape = inputs.validate(spec)?;
+    let weights = upstream.weights(spec, shape.losses(spec.mode()))?;
+    let ctx = LossCtx {
+        temp: spec.temperature(),
+        variant: spec.variant(),
+        kind: kind_of(spec),
     };
-    let symmetric = spec.mode() == Mode::Symmetric;
-    let n = problem.shape.anchors;
-    let (lse, lse_cols) = if symmetric {
-        let (r, c) = lses.split_at(lses.len().min(n));
-        (r.to_vec(), Some(c.to_vec()))
-    } else {
-        (lses, None)
+    let norm = spec.normalize();
+    let hard_k = spec.variant().hard_k();
+    let d = shape.dim;
+    // The gradients in input order (the queue's only when asked).
+    let mut grads: Vec<Vec<f64>> = Vec::new();
+    let (fin, fin_cols) = match *inputs {
+        LossInputs::Queue {
+            query,
+            positive,
+            queue,
+        } => {
+            let (q, p, m) = (
+                Source::new(query, norm),
+                Source::new(positive, norm),
+                Source::new(queue, norm),
+            );
+            let s_pos: Vec<f32> = (0..q.rows())
+                .into_par_iter()
+                .map(|i| dot(&q.row_f32(i), &p.row_f32(i)))
+                .collect();
+            let loss = RowLoss {
+                pos: Pos::External,
+                self_excluded: false,
+                thr: None,
+            };
+            let mut prob = PairProblem::new(&q, &m, loss, ctx, blocking);
+            if let Some(k) = hard_k {
+                prob.loss.thr = Some(pair::thresholds(&prob, k, shape.negatives));
+            }
+            let fwd = pair::forward(&prob, Some(&s_pos));
+            let fin = pair::finalize_all(&fwd.merged, &weights, &ctx);
+            let dq = anchor_grads(fwd.u, &fin, d, |i| p.row_f32(i));
+            let dp: Vec<f64> = per_row(q.rows(), d, |i, out| {
+                let qi = q.row_f32(i);
+                for (o, &x) in out.iter_mut().zip(&qi) {
+                    *o = fin[i].dpos * x as f64;
+                }
+            });
+            grads.push(chain(&q, dq));
+            grads.push(chain(&p, dp));
+            if spec.grad_queue() {
+                let mut dm = vec![0.0; m.rows() * d];
+                pair::key_gradients(&prob, &fin, &mut dm);
+                grads.push(chain(&m, dm));
+            }
+            (fin, None)
+        }
+        LossInputs::InBatch { embeddings } => {
+            let e = Source::new(embeddings, norm);
+            let n2 = e.rows();
+            let half = n2 / 2;
+            let loss = RowLoss {
+                pos: Pos::Cols((0..n2).map(|a| (a + half) % n2).collect()),
+                self_excluded: true,
+                thr: None,
+            };
+            let mut prob = InBatchProblem::new(&e, loss, ctx, blocking.anchors);
+            if let Some(k) = hard_k {
+                prob.loss.thr = Some(prob.thresholds(k, shape.negatives));
+            }
+            let merged = prob.forward();
+            let fin = pair::finalize_all(&merged, &weights, &ctx);
+            let mut de = vec![0.0; n2 * d];
+            prob.backward(&fin, &mut de);
+            grads.push(chain(&e, de));
+            (fin, None)
+        }
+        LossInputs::Cross {
+            query,
+            key,
+            targets,
+        } => {
+            let (a, b) = (Source::new(query, norm), Source::new(key, norm));
+            // validate() checked every target is in [0, M).
+            let pos: Vec<usize> = match targets {
+                Some(t) => t.iter().map(|&y| y as usize).collect(),
+                None => (0..a.rows()).collect(),
+            };
+            let loss = RowLoss {
+                pos: Pos::Cols(pos.clone()),
+                self_excluded: false,
+                thr: None,
+            };
+            let mut prob = PairProblem::new(&a, &b, loss, ctx, blocking);
+            if let Some(k) = hard_k {
+                prob.loss.thr = Some(pair::thresholds(&prob, k, shape.negatives));
+            }
+            let fwd = pair::forward(&prob, None);
+            let fin = pair::finalize_all(&fwd.merged, &weights, &ctx);
+            let da = anchor_grads(fwd.u, &fin, d, |i| b.row_f32(pos[i]));
+            let mut db = vec![0.0; b.rows() * d];
+            pair::key_gradients(&prob, &fin, &mut db);
+            grads.push(chain(&a, da));
+            grads.push(chain(&b, db));
+            (fin, None)
+        }
+        LossInputs::Symmetric { query, key } => {
+            let (a, b) = (Source::new(query, norm), Source::new(key, norm));
+            let n = a.rows();
+            let side = || RowLoss {
+                pos: Pos::Cols((0..n).collect()),
+                self_excluded: false,
+                thr: None,
+            };
+            let mut prob = SymProblem::new(&a, &b, side(), side(), ctx, blocking);
+            if let Some(k) = hard_k {
+                let (tr, tc) = prob.thresholds(k, shape.negatives);
+                prob.rows.thr = Some(tr);
+                prob.cols.thr = Some(tc);
+            }
+            let fwd = prob.forward();
+            let (fr, fc) = symmetric::finalize_sym(&fwd, &weights, &ctx);
+            let mut da = vec![0.0; n * d];
+            let mut db = vec![0.0; n * d];
+            prob.backward(&fr, &fc, &mut da, &mut db);
+            grads.push(chain(&a, da));
+            grads.push(chain(&b, db));
+            (fr, Some(fc))
+        }
     };
-    let loss = reduce(&losses, spec.reduction(), symmetric);
-    let grad_temperature = temp
-        .is_learnable()
-        .then(|| per_anchor.iter().map(|(o, _)| o.d_tau).sum());
-    Ok(LossOutput {
-        loss,
-        lse,
-        lse_cols,
-        grads,
-        grad_temperature,
-    })
+    Ok(output(spec, fin, fin_cols, grads, inputs))
 }
 
-/// `g[row] += scale * v`.
-fn add(g: &mut Matrix, row: usize, scale: f64, v: &[f64]) {
-    for (x, y) in g.row_mut(row).iter_mut().zip(v) {
-        *x += scale * y;
-    }
-}
-
-/// The gradient with respect to the rows as given: through the normalisation when it was applied.
-fn chain_normalize(m: &Rows, du: Matrix) -> Matrix {
-    match &m.inv_norm {
-        Some(inv) => Matrix {
-            rows: du.rows,
-            cols: du.cols,
-            data: normalize_rows_backward(&m.data, inv, &du.data, m.cols),
+/// The logit and weight scheme of `spec`.
+fn kind_of(spec: &LossSpec) -> Kind {
+    match (spec.variant(), spec.temperature()) {
+        (Variant::Simple { .. }, _) => Kind::Simple,
+        (_, Temperature::Fixed(t)) => Kind::Scaled {
+            alpha: (1.0 / t) as f32,
+            learnable: false,
         },
-        None => du,
+        (_, Temperature::Learnable(t)) => Kind::Scaled {
+            alpha: (1.0 / t) as f32,
+            learnable: true,
+        },
+        (_, t @ Temperature::Dystress { .. }) => Kind::Dystress(t),
     }
 }
 
-/// The reduction of the per-anchor losses (symmetric: rows then columns, see the module docs).
-fn reduce(losses: &[f64], reduction: Reduction, symmetric: bool) -> LossValue {
+/// `a · b` accumulated in f64, rounded to f32.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| x as f64 * y as f64)
+        .sum::<f64>() as f32
+}
+
+/// A `rows × d` f64 matrix filled row by row in parallel.
+fn per_row(rows: usize, d: usize, f: impl Fn(usize, &mut [f64]) + Sync) -> Vec<f64> {
+    let mut out = vec![0.0; rows * d];
+    if d > 0 {
+        out.par_chunks_mut(d)
+            .enumerate()
+            .for_each(|(i, row)| f(i, row));
+    }
+    out
+}
+
+/// The anchors' own gradients, in place of the forward's key sums: `ucoef_i U_i + dpos_i ·
+/// (positive row)`.
+fn anchor_grads(
+    mut u: Vec<f64>,
+    fin: &[Fin],
+    d: usize,
+    pos_row: impl Fn(usize) -> Vec<f32> + Sync,
+) -> Vec<f64> {
+    if d > 0 {
+        u.par_chunks_mut(d).enumerate().for_each(|(i, out)| {
+            let f = &fin[i];
+            let pr = pos_row(i);
+            for (o, &y) in out.iter_mut().zip(&pr) {
+                *o = f.ucoef * *o + f.dpos * y as f64;
+            }
+        });
+    }
+    u
+}
+
+/// The gradient with respect to the rows as given: through the normalisation when applied
+/// (the reference's `normalize_row_backward`, clamped branch included).
+fn chain<T: Element>(src: &Source<'_, T>, mut du: Vec<f64>) -> Vec<f64> {
+    let d = src.cols();
+    let Some(inv) = src.inv_norms() else {
+        return du;
+    };
+    if d == 0 {
+        return du;
+    }
+    let m = src.matrix();
+    du.par_chunks_mut(d).enumerate().for_each(|(i, g)| {
+        let u: Vec<f64> = m.row(i).iter().map(|x| x.to_f64() * inv[i]).collect();
+        let dx = normalize_row_backward(&u, inv[i], g);
+        g.copy_from_slice(&dx);
+    });
+    du
+}
+
+/// Assembles the output as the reference does (reductions, lse / lse_cols, dτ).
+fn output<T: Element>(
+    spec: &LossSpec,
+    fin: Vec<Fin>,
+    fin_cols: Option<Vec<Fin>>,
+    grads: Vec<Vec<f64>>,
+    inputs: &LossInputs<'_, T>,
+) -> LossOutput {
+    let simple = matches!(spec.variant(), Variant::Simple { .. });
+    let lse_of = |f: &[Fin]| -> Vec<f64> {
+        if simple {
+            Vec::new()
+        } else {
+            f.iter().map(|x| x.lse).collect()
+        }
+    };
+    let losses = |f: &[Fin]| -> Vec<f64> { f.iter().map(|x| x.loss).collect() };
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
     let sum = |v: &[f64]| v.iter().sum::<f64>();
-    if symmetric {
-        let (rows, cols) = losses.split_at(losses.len() / 2);
-        match reduction {
-            Reduction::Mean => LossValue::Scalar(0.5 * (mean(rows) + mean(cols))),
-            Reduction::Sum => LossValue::Scalar(0.5 * (sum(rows) + sum(cols))),
-            Reduction::None => LossValue::Symmetric {
-                rows: rows.to_vec(),
-                cols: cols.to_vec(),
+    let rows = losses(&fin);
+    let loss = match (&fin_cols, spec.reduction()) {
+        (Some(fc), r) => {
+            let cols = losses(fc);
+            match r {
+                Reduction::Mean => LossValue::Scalar(0.5 * (mean(&rows) + mean(&cols))),
+                Reduction::Sum => LossValue::Scalar(0.5 * (sum(&rows) + sum(&cols))),
+                Reduction::None => LossValue::Symmetric { rows, cols },
+            }
+        }
+        (None, Reduction::Mean) => LossValue::Scalar(mean(&rows)),
+        (None, Reduction::Sum) => LossValue::Scalar(sum(&rows)),
+        (None, Reduction::None) => LossValue::PerAnchor(rows),
+    };
+    let grad_temperature = spec.temperature().is_learnable().then(|| {
+        fin.iter()
+            .chain(fin_cols.iter().flatten())
+            .map(|f| f.dtau)
+            .sum()
+    });
+    let grads = inputs
+        .matrices()
+        .iter()
+        .zip(grads)
+        .map(|(m, data)| Gradient {
+            name: m.name(),
+            value: Matrix {
+                rows: m.rows(),
+                cols: m.cols(),
+                data,
             },
-        }
-    } else {
-        match reduction {
-            Reduction::Mean => LossValue::Scalar(mean(losses)),
-            Reduction::Sum => LossValue::Scalar(sum(losses)),
-            Reduction::None => LossValue::PerAnchor(losses.to_vec()),
-        }
+        })
+        .collect();
+    LossOutput {
+        loss,
+        lse: lse_of(&fin),
+        lse_cols: fin_cols.as_deref().map(lse_of),
+        grads,
+        grad_temperature,
     }
 }

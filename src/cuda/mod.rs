@@ -42,7 +42,7 @@ use crate::spec::{LossSpec, Mode, Reduction, Variant};
 use crate::tensor::{DType, Element, MatRef, Matrix};
 
 /// Evaluates `spec` on `inputs` on the first CUDA device: the same [`LossOutput`] as
-/// [`crate::cpu::evaluate`], computed by the fused kernels (f32 accumulation; inputs f32, f16 or
+/// [`crate::reference::evaluate`], computed by the fused kernels (f32 accumulation; inputs f32, f16 or
 /// bf16 — f64 is [`Error::Unsupported`] here). Runs on the process's [`default_gpu`] (opened on
 /// the first call and kept).
 ///

@@ -6,7 +6,7 @@
 #![allow(dead_code)]
 
 use fused_infonce::{
-    cpu, LossInputs, LossOutput, LossSpec, Mode, Reduction, Temperature, Upstream, Variant,
+    reference, LossInputs, LossOutput, LossSpec, Mode, Reduction, Temperature, Upstream, Variant,
 };
 use fused_infonce::{Element, MatRef};
 use rand::rngs::StdRng;
@@ -160,7 +160,7 @@ impl Case {
 
     /// The CPU reference on this case.
     pub fn evaluate(&self, spec: &LossSpec, up: &Upstream) -> fused_infonce::Result<LossOutput> {
-        cpu::evaluate(spec, &self.inputs(), up)
+        reference::evaluate(spec, &self.inputs(), up)
     }
 }
 

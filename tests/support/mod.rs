@@ -357,16 +357,16 @@ impl Scales {
 /// checks against f64: recomputing it on the host would round a value lying within an f32 error of
 /// a bf16 rounding boundary the other way, one ulp in a few elements), and each gradient is chained
 /// back through the normalisation at the exact `u` (as the device's backward recomputes it in f32
-/// from `x` and `1/‖x‖`). For f32 inputs, or without normalisation, this is `cpu::evaluate`.
+/// from `x` and `1/‖x‖`). For f32 inputs, or without normalisation, this is `reference::evaluate`.
 pub fn reference_as_stored<T: DeviceElement>(
     gpu: &Gpu,
     spec: &LossSpec,
     inputs: &LossInputs<'_, T>,
     up: &Upstream,
 ) -> fused_infonce::Result<LossOutput> {
-    use fused_infonce::cpu::normalize::{normalize_rows, normalize_rows_backward};
+    use fused_infonce::reference::normalize::{normalize_rows, normalize_rows_backward};
     if !spec.normalize() || T::DTYPE == fused_infonce::DType::F32 {
-        return fused_infonce::cpu::evaluate(spec, inputs, up);
+        return fused_infonce::reference::evaluate(spec, inputs, up);
     }
     let mats = inputs.matrices();
     let mut exact = Vec::new(); // (name, u, 1/‖x‖, cols) per input
@@ -396,7 +396,7 @@ pub fn reference_as_stored<T: DeviceElement>(
         _ => None,
     };
     let plain = spec.without_normalize();
-    let mut out = fused_infonce::cpu::evaluate(
+    let mut out = fused_infonce::reference::evaluate(
         &plain,
         &LossInputs::from_matrices(spec.mode(), &views, targets)?,
         up,

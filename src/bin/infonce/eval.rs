@@ -8,8 +8,8 @@
 use clap::ValueEnum;
 use fused_infonce::io::{output_tensors, write_f32, OwnedMatrix, TensorFile};
 use fused_infonce::{
-    bf16, cpu, cuda, f16, DType, DystressGrad, Element, Error, LossInputs, LossOutput, LossSpec,
-    LossValue, Mode, Reduction, Result, Upstream, Variant,
+    bf16, cpu, cuda, f16, reference, DType, DystressGrad, Element, Error, LossInputs, LossOutput,
+    LossSpec, LossValue, Mode, Reduction, Result, Upstream, Variant,
 };
 use std::path::PathBuf;
 
@@ -23,7 +23,7 @@ pub struct Args {
     #[arg(long, value_name = "OUT.safetensors")]
     pub output: PathBuf,
     /// Which implementation evaluates the loss.
-    #[arg(long, value_enum, default_value_t = BackendArg::Cpu)]
+    #[arg(long, value_enum, default_value_t = BackendArg::Reference)]
     pub backend: BackendArg,
     /// Where positives and negatives come from: queue (query, positive, queue), inbatch
     /// (embeddings), cross (query, key, optional targets), symmetric (query, key).
@@ -69,7 +69,9 @@ pub struct Args {
 /// `--backend`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum BackendArg {
-    /// The f64 CPU reference.
+    /// The f64 oracle (exact, slow by design).
+    Reference,
+    /// The fast fused CPU path (f32 arithmetic, multi-threaded).
     Cpu,
     /// The fused CUDA kernels (needs a GPU).
     Cuda,
@@ -272,6 +274,7 @@ fn evaluate_as<T: Element>(
         }
     }
     match args.backend {
+        BackendArg::Reference => reference::evaluate(spec, &inputs, upstream),
         BackendArg::Cpu => cpu::evaluate(spec, &inputs, upstream),
         BackendArg::Cuda => cuda::evaluate(spec, &inputs, upstream),
     }
@@ -351,6 +354,7 @@ pub fn run(args: &Args) -> Result<()> {
             .unwrap_or_default(),
         shapes.join(", "),
         match args.backend {
+            BackendArg::Reference => "reference",
             BackendArg::Cpu => "cpu",
             BackendArg::Cuda => "cuda",
         }

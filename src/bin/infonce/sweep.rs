@@ -18,7 +18,9 @@ use std::path::PathBuf;
 /// The backend that evaluates the loss.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum BackendArg {
-    /// The f64 CPU reference.
+    /// The f64 oracle (exact, slow by design).
+    Reference,
+    /// The fast fused CPU path (f32 arithmetic, multi-threaded).
     #[default]
     Cpu,
     /// The fused CUDA kernels (an error without a usable GPU).
@@ -317,6 +319,7 @@ impl Sweep<'_> {
             ));
         }
         let backend = match args.backend {
+            BackendArg::Reference => Backend::Reference,
             BackendArg::Cpu => Backend::Cpu,
             BackendArg::Cuda => Backend::Cuda,
         };

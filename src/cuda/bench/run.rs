@@ -216,7 +216,7 @@ impl Checks {
 fn check_all(gpu: &Gpu, p: &Preset, unfused: &Result<Unfused>) -> Result<Checks> {
     let small = p.small();
     let host = HostCase::new(small);
-    let want = crate::cpu::evaluate(&small.spec()?, &host.inputs()?, &Upstream::One)?;
+    let want = crate::reference::evaluate(&small.spec()?, &host.inputs()?, &Upstream::One)?;
     Ok(Checks {
         fused: check(gpu, &Which::Fused, &host, &want),
         tc: check(gpu, &Which::Tc, &host, &want),

@@ -17,7 +17,7 @@
 //! `inv_a · inv_b` (`inv = 1/max(‖x‖₂, 1e-12)`, squared norms summed in the same sequential order),
 //! which is not bit-identical to normalising first.
 //!
-//! Against the f64 CPU reference ([`crate::cpu`]), a negative whose similarity is within f32
+//! Against the f64 CPU reference ([`crate::reference`]), a negative whose similarity is within f32
 //! rounding (a few ulps) of `s_(k)` may be selected differently; exact duplicates (equal rows)
 //! stay tied.
 //!

@@ -351,7 +351,7 @@ pub fn run_preset(preset: &CpuPreset, repeat: usize) -> Result<BenchRow> {
     // Correctness first: the reference on a reduced shape, then fused against unfused in full.
     let small = PresetData::random(&preset.reduced(16), 1);
     let si = small.inputs()?;
-    let want = crate::cpu::evaluate(&spec, &si, &Upstream::One)?;
+    let want = crate::reference::evaluate(&spec, &si, &Upstream::One)?;
     let mut err = max_rel_l2(&super::evaluate(&spec, &si, &Upstream::One)?, &want);
     err = err.max(max_rel_l2(
         &super::unfused::evaluate(&spec, &si, &Upstream::One)?,

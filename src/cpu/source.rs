@@ -4,7 +4,7 @@
 
 use rayon::prelude::*;
 
-use crate::cpu::normalize::NORM_EPS;
+use crate::reference::normalize::NORM_EPS;
 use crate::tensor::{DType, Element, MatRef};
 
 /// A growable f32 buffer whose contents start on a 64-byte boundary (a cache line), so a converted
@@ -51,7 +51,7 @@ impl<'a, T: Element> Source<'a, T> {
                         })
                         .sum::<f64>()
                         .sqrt();
-                    // As the reference (cpu::normalize): a NaN norm stays NaN.
+                    // As the reference (reference::normalize): a NaN norm stays NaN.
                     1.0 / if norm.is_nan() {
                         norm
                     } else {

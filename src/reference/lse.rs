@@ -8,7 +8,7 @@
 /// `−∞`); values of `−∞` contribute nothing. NaN propagates into `sum` and therefore into the LSE.
 ///
 /// ```
-/// use fused_infonce::cpu::LsePartial;
+/// use fused_infonce::reference::LsePartial;
 /// let xs = [0.5, 3.0, -1.0, 2.0];
 /// let whole = LsePartial::of(&xs);
 /// let merged = LsePartial::of(&xs[..1]).merge(LsePartial::of(&xs[1..]));

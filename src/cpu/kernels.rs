@@ -87,7 +87,7 @@ pub(crate) fn from_order_key(k: u32) -> f32 {
 /// Row `i` of a tile whose columns start at key `j0`: returns the positive's similarity when it is
 /// in this tile, and sets the positive, the anchor itself and unselected negatives to −∞.
 ///
-/// Selection (reference `cpu::anchor::select`): a negative is kept when `s ≥ s_(k)` or
+/// Selection (reference `reference::anchor::select`): a negative is kept when `s ≥ s_(k)` or
 /// `key(s) ≥ key(s_(k))`, so ties at the threshold are all kept and a NaN is always kept.
 #[inline]
 pub(crate) fn mask_row(row: &mut [f32], i: usize, j0: usize, loss: &RowLoss) -> Option<f32> {

@@ -25,7 +25,7 @@ use crate::spec::{LossSpec, Mode, Reduction, Temperature, Variant};
 use crate::tensor::{DType, Element, MatRef as InputRef, Matrix};
 
 /// Evaluates `spec` on `inputs` the unfused way (module docs); the same output as
-/// [`crate::cpu::evaluate`] for the supported specs.
+/// [`crate::reference::evaluate`] for the supported specs.
 ///
 /// Errors: [`Error::Unsupported`] for normalisation, DySTreSS or a variant other than standard;
 /// otherwise the errors of [`LossInputs::validate`] and [`Upstream::weights`].

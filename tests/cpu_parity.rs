@@ -1,4 +1,4 @@
-//! Parity of the fused CPU backend (`fastcpu::evaluate`) with the f64 reference (`cpu::evaluate`)
+//! Parity of the fused CPU backend (`cpu::evaluate`) with the f64 reference (`reference::evaluate`)
 //! over the grid of tests/gpu_parity.rs: every mode × temperature × variant × reduction ×
 //! normalisation, for f32, f16, bf16 (and f64 inputs), on shapes that are not block multiples
 //! (D ∈ {1, 7, 64, 128, 129, 768}, N = 1, K = 0, a queue of several key blocks), with the default
@@ -13,10 +13,10 @@
 
 mod support;
 
-use fused_infonce::fastcpu::{self, Blocking};
+use fused_infonce::cpu::{self, Blocking};
 use fused_infonce::{
-    bf16, cpu, f16, DystressGrad, Element, Error, LossInputs, LossOutput, LossSpec, MatRef, Mode,
-    Reduction, Temperature, Upstream, Variant,
+    bf16, f16, reference, DystressGrad, Element, Error, LossInputs, LossOutput, LossSpec, MatRef,
+    Mode, Reduction, Temperature, Upstream, Variant,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -136,10 +136,10 @@ fn check<T: Element>(
     up: &Upstream,
     blocking: Option<Blocking>,
 ) -> Option<LossOutput> {
-    let want = cpu::evaluate(spec, inputs, up);
+    let want = reference::evaluate(spec, inputs, up);
     let got = match blocking {
-        Some(b) => fastcpu::evaluate_blocked(spec, inputs, up, b),
-        None => fastcpu::evaluate(spec, inputs, up),
+        Some(b) => cpu::evaluate_blocked(spec, inputs, up, b),
+        None => cpu::evaluate(spec, inputs, up),
     };
     match (got, want) {
         (Ok(g), Ok(w)) => {
@@ -496,8 +496,8 @@ fn nan_inputs_propagate() {
             .variant(variant)
             .build()
             .unwrap();
-        let fast = fastcpu::evaluate(&spec, &inputs, &Upstream::One).unwrap();
-        let reference = cpu::evaluate(&spec, &inputs, &Upstream::One).unwrap();
+        let fast = cpu::evaluate(&spec, &inputs, &Upstream::One).unwrap();
+        let reference = reference::evaluate(&spec, &inputs, &Upstream::One).unwrap();
         assert!(reference.loss.scalar().unwrap().is_nan());
         assert!(fast.loss.scalar().unwrap().is_nan(), "{variant:?}");
         assert!(fast.lse.iter().all(|x| x.is_nan()));
@@ -516,7 +516,7 @@ fn errors_match_the_reference() {
         queue: MatRef::new("queue", &p, 2, 2).unwrap(),
     };
     let spec = LossSpec::queue().build().unwrap();
-    let e = fastcpu::evaluate(&spec, &inputs, &Upstream::One).unwrap_err();
+    let e = cpu::evaluate(&spec, &inputs, &Upstream::One).unwrap_err();
     assert!(matches!(e, Error::Shape { .. }), "{e}");
     // Decoupled with an empty queue, a scalar upstream with reduction none, bad targets.
     let empty: Vec<f32> = Vec::new();
@@ -539,8 +539,8 @@ fn errors_match_the_reference() {
         (&spec, Upstream::PerAnchor(vec![1.0, 1.0])),
         (&spec, Upstream::Scalar(f64::NAN)),
     ] {
-        let g = fastcpu::evaluate(spec, &ok, &up).unwrap_err();
-        let w = cpu::evaluate(spec, &ok, &up).unwrap_err();
+        let g = cpu::evaluate(spec, &ok, &up).unwrap_err();
+        let w = reference::evaluate(spec, &ok, &up).unwrap_err();
         assert_eq!(g.to_string(), w.to_string());
     }
     let t = [0i64, 5];
@@ -550,15 +550,15 @@ fn errors_match_the_reference() {
         targets: Some(&t),
     };
     let spec = LossSpec::cross().build().unwrap();
-    let g = fastcpu::evaluate(&spec, &cross, &Upstream::One).unwrap_err();
-    let w = cpu::evaluate(&spec, &cross, &Upstream::One).unwrap_err();
+    let g = cpu::evaluate(&spec, &cross, &Upstream::One).unwrap_err();
+    let w = reference::evaluate(&spec, &cross, &Upstream::One).unwrap_err();
     assert_eq!(g.to_string(), w.to_string());
     let bad = Blocking {
         anchors: 0,
         keys: 4,
     };
     assert!(matches!(
-        fastcpu::evaluate_blocked(&spec, &cross, &Upstream::One, bad),
+        cpu::evaluate_blocked(&spec, &cross, &Upstream::One, bad),
         Err(Error::Parameter { .. })
     ));
 }
@@ -638,8 +638,8 @@ fn bitwise_identical_for_any_thread_count() {
                         .expect("a thread pool");
                     let out = pool
                         .install(|| match blocking {
-                            Some(b) => fastcpu::evaluate_blocked(&spec, &inputs, &Upstream::One, b),
-                            None => fastcpu::evaluate(&spec, &inputs, &Upstream::One),
+                            Some(b) => cpu::evaluate_blocked(&spec, &inputs, &Upstream::One, b),
+                            None => cpu::evaluate(&spec, &inputs, &Upstream::One),
                         })
                         .expect("evaluates");
                     bits(&out)
@@ -674,15 +674,15 @@ fn unfused_baseline_matches_the_reference() {
                     let data = Data::<f32>::new(mode, dims, seed, seed % 2 == 0);
                     let inputs = data.inputs(mode);
                     let up = upstream(&spec, loss_count(mode, dims), seed + 1);
-                    let want = cpu::evaluate(&spec, &inputs, &up).unwrap();
-                    let got = fastcpu::unfused::evaluate(&spec, &inputs, &up).unwrap();
+                    let want = reference::evaluate(&spec, &inputs, &up).unwrap();
+                    let got = cpu::unfused::evaluate(&spec, &inputs, &up).unwrap();
                     let what = format!("unfused f32 {dims:?} {spec:?}");
                     let sc = Scales::of(&spec, &inputs, &up);
                     assert_outputs_close(&what, &(&got).into(), &want, TOL, &sc);
                     let data = Data::<bf16>::new(mode, dims, seed, seed % 2 == 0);
                     let inputs = data.inputs(mode);
-                    let want = cpu::evaluate(&spec, &inputs, &up).unwrap();
-                    let got = fastcpu::unfused::evaluate(&spec, &inputs, &up).unwrap();
+                    let want = reference::evaluate(&spec, &inputs, &up).unwrap();
+                    let got = cpu::unfused::evaluate(&spec, &inputs, &up).unwrap();
                     let what = format!("unfused bf16 {dims:?} {spec:?}");
                     let sc = Scales::of(&spec, &inputs, &up);
                     assert_outputs_close(&what, &(&got).into(), &want, TOL, &sc);
@@ -699,7 +699,7 @@ fn unfused_baseline_matches_the_reference() {
             .dystress(0.1, 0.2, DystressGrad::Detach)
             .build(),
     ] {
-        let e = fastcpu::unfused::evaluate(&spec.unwrap(), &inputs, &Upstream::One).unwrap_err();
+        let e = cpu::unfused::evaluate(&spec.unwrap(), &inputs, &Upstream::One).unwrap_err();
         assert!(matches!(e, Error::Unsupported(_)), "{e}");
     }
 }
