@@ -72,6 +72,51 @@ pub fn parse_torch_timings(text: &str, source: &str) -> Result<Vec<TorchTiming>>
     Ok(out)
 }
 
+/// numpy's timing of one CPU preset, as `bench/numpy_reference.py` prints it (a JSON array of
+/// these): the unfused pipeline users write in numpy, on the same preset.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct NumpyTiming {
+    /// The preset's name.
+    pub preset: String,
+    /// Median milliseconds.
+    pub numpy_ms: f64,
+    /// Fastest call.
+    #[serde(default)]
+    pub numpy_min_ms: Option<f64>,
+    /// Calls timed.
+    #[serde(default)]
+    pub repeat: Option<usize>,
+    /// The BLAS numpy ran on (as threadpoolctl reports it).
+    #[serde(default)]
+    pub blas: Option<String>,
+}
+
+/// Parses `bench/numpy_reference.py`'s output (named `source` in messages); a malformed row, a
+/// timing that is not a positive finite number or a preset given twice is an error naming it.
+pub fn parse_numpy_timings(text: &str, source: &str) -> Result<Vec<NumpyTiming>> {
+    let rows: Vec<serde_json::Value> = serde_json::from_str(text)
+        .map_err(|e| Error::Input(format!("{source}: not a JSON array of rows ({e})")))?;
+    let mut out: Vec<NumpyTiming> = Vec::with_capacity(rows.len());
+    for (i, row) in rows.iter().enumerate() {
+        let t: NumpyTiming = serde_json::from_value(row.clone())
+            .map_err(|e| Error::Input(format!("{source}: row {i} ({row}): {e}")))?;
+        if !(t.numpy_ms.is_finite() && t.numpy_ms > 0.0) {
+            return Err(Error::Input(format!(
+                "{source}: row {i} (preset {}): numpy_ms = {} is not a time",
+                t.preset, t.numpy_ms
+            )));
+        }
+        if out.iter().any(|o| o.preset == t.preset) {
+            return Err(Error::Input(format!(
+                "{source}: row {i}: preset {} appears twice",
+                t.preset
+            )));
+        }
+        out.push(t);
+    }
+    Ok(out)
+}
+
 /// Repetitions below which a median is not reported as a benchmark figure.
 pub const MIN_REPEAT: usize = 20;
 
@@ -304,6 +349,20 @@ pub struct Row {
     pub fused_note: Option<String>,
     /// Why the unfused figure is missing.
     pub unfused_note: Option<String>,
+    /// numpy's unfused pipeline on the same preset (CPU presets), median milliseconds.
+    pub numpy_ms: Option<f64>,
+    /// Why numpy's figure is missing, or the BLAS it ran on.
+    pub numpy_note: Option<String>,
+    /// `numpy_ms / fused_ms`.
+    pub speedup_vs_numpy: Option<f64>,
+    /// CPU presets: the fused schedule's block-product GFLOP/s (every other step counted as
+    /// product time).
+    pub gflops: Option<f64>,
+    /// CPU presets: the unfused pipeline's product GFLOP/s.
+    pub unfused_gflops: Option<f64>,
+    /// CPU presets: `gflops` as a percentage of the matrix crate's sgemm rate measured in the
+    /// same run.
+    pub pct_of_sgemm: Option<f64>,
     /// The small-shape check against the reference.
     pub check: String,
     /// The f64 reference, milliseconds (no-GPU runs only).
@@ -332,16 +391,28 @@ pub struct Report {
     pub unix_time: u64,
     /// Timed repetitions per measurement.
     pub repeat: usize,
-    /// The peaks measured in the same run.
+    /// `cuda`, or `cpu` (the CPU presets; the reference's small shapes where no GPU is).
+    pub backend: String,
+    /// The peaks measured in the same run (GPU).
     pub peaks: Option<Peaks>,
+    /// The matrix crate's sgemm rate measured in the same run (CPU), GFLOP/s.
+    pub sgemm_gflops: Option<f64>,
+    /// Threads the CPU runs used.
+    pub threads: Option<usize>,
     /// One row per preset.
     pub rows: Vec<Row>,
 }
 
 impl Report {
-    /// A report for `rows` measured here and now.
-    pub fn new(device: Option<String>, driver: Option<String>, repeat: usize) -> Self {
+    /// A report of `backend`'s rows measured here and now.
+    pub fn new(
+        backend: &str,
+        device: Option<String>,
+        driver: Option<String>,
+        repeat: usize,
+    ) -> Self {
         Report {
+            backend: backend.to_string(),
             device,
             driver,
             commit: commit(),
@@ -351,6 +422,8 @@ impl Report {
                 .unwrap_or(0),
             repeat,
             peaks: None,
+            sgemm_gflops: None,
+            threads: None,
             rows: Vec::new(),
         }
     }
@@ -450,7 +523,7 @@ pub fn reference_small_shapes(repeat: usize, progress: &dyn Progress) -> Result<
         ("cpu-ref clip-small", PRESETS[3], 64, 64, 128),
     ];
     let reps = repeat.clamp(1, MIN_REPEAT);
-    let mut report = Report::new(None, None, reps);
+    let mut report = Report::new("cpu", None, None, reps);
     for (name, base, anchors, keys, dim) in shapes {
         progress.message(name);
         let p = Preset {
@@ -517,6 +590,33 @@ mod tests {
         ] {
             let e = parse_torch_timings(bad, "t.json").unwrap_err().to_string();
             assert!(e.contains("t.json") && e.contains(says), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn numpy_timings_parse_and_refuse_malformed_rows() {
+        let ok = parse_numpy_timings(
+            r#"[{"preset":"moco","numpy_ms":70.5,"numpy_min_ms":68.0,"repeat":10,"blas":"x"},
+                {"preset":"clip-cpu","numpy_ms":300}]"#,
+            "n.json",
+        )
+        .unwrap();
+        assert_eq!(ok.len(), 2);
+        assert_eq!(ok[0].numpy_ms, 70.5);
+        assert_eq!(ok[0].numpy_min_ms, Some(68.0));
+        assert_eq!(ok[0].blas.as_deref(), Some("x"));
+        assert_eq!((ok[1].numpy_ms, ok[1].repeat), (300.0, None));
+        for (bad, says) in [
+            ("[", "not a JSON array"),
+            (r#"[{"preset":"moco"}]"#, "row 0"),
+            (r#"[{"preset":"moco","numpy_ms":0}]"#, "not a time"),
+            (
+                r#"[{"preset":"moco","numpy_ms":1},{"preset":"moco","numpy_ms":2}]"#,
+                "twice",
+            ),
+        ] {
+            let e = parse_numpy_timings(bad, "n.json").unwrap_err().to_string();
+            assert!(e.contains("n.json") && e.contains(says), "{bad}: {e}");
         }
     }
 

@@ -26,7 +26,7 @@ fn bench_runs_and_writes_json_rows() {
     );
     assert!(stdout.contains("preset"), "no table header:\n{stdout}");
     assert!(
-        stdout.contains("below 20"),
+        stdout.contains("--repeat 3 is below"),
         "no note about --repeat 3:\n{stdout}"
     );
     let v: serde_json::Value =
@@ -48,10 +48,15 @@ fn bench_runs_and_writes_json_rows() {
     assert!(v.get("peaks").is_some(), "no peaks key");
     let device = v["device"].as_str();
     if device.is_none() {
-        // No GPU: one line says so, and the CPU reference was timed.
+        // No GPU: one line says so, and the CPU backends were benchmarked (the CPU `moco`
+        // preset, then the reference on small shapes).
         assert!(stdout.contains("no usable GPU"), "{stdout}");
-        assert!(rows[0]["cpu_ms"].as_f64().unwrap() > 0.0);
-        assert!(rows[0]["fused_ms"].is_null());
+        assert_eq!(v["backend"], "cpu");
+        assert_eq!(rows[0]["preset"], "moco");
+        assert!(rows[0]["fused_ms"].as_f64().unwrap() > 0.0, "{}", rows[0]);
+        assert!(rows
+            .iter()
+            .any(|r| r["cpu_ms"].as_f64().is_some_and(|t| t > 0.0)));
     } else if device.is_some_and(|d| d.contains("emulated device")) {
         // The emulated device: every implementation checked against the reference, none timed
         // (host builds of the kernels: a time would mean nothing), no peaks.
@@ -154,4 +159,78 @@ fn bench_merges_torch_timings() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("row 0"));
+}
+
+/// `--backend cpu` on every machine: the fused CPU path checked and timed against the unfused
+/// CPU pipeline, numpy's timings merged from `--numpy` (so this test does not depend on numpy
+/// being installed), the sgemm rate of the same run, then the reference on small shapes; a
+/// GPU-only preset is refused with the way to run it.
+#[test]
+fn bench_cpu_backend_rows_and_numpy_merge() {
+    let dir = tempfile::tempdir().unwrap();
+    let numpy = dir.path().join("numpy.json");
+    std::fs::write(
+        &numpy,
+        r#"[{"preset":"simclr-cpu","numpy_ms":900.0,"repeat":3,"blas":"openblas 0.3 (Haswell)"}]"#,
+    )
+    .unwrap();
+    let json = dir.path().join("bench.json");
+    let out = infonce()
+        .args(["bench", "--backend", "cpu", "--preset", "simclr-cpu"])
+        .args(["--repeat", "2", "--numpy"])
+        .arg(&numpy)
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "stdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for col in [
+        "fused",
+        "unfused",
+        "numpy",
+        "vs numpy",
+        "% sgemm",
+        "extra mem",
+    ] {
+        assert!(stdout.contains(col), "no column {col}:\n{stdout}");
+    }
+    assert!(stdout.contains("below 10"), "{stdout}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(v["backend"], "cpu");
+    assert!(v["sgemm_gflops"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(v["threads"].as_u64().unwrap() >= 1);
+    let row = &v["rows"][0];
+    assert_eq!(row["preset"], "simclr-cpu");
+    let fused = row["fused_ms"].as_f64().unwrap();
+    assert!(
+        fused > 0.0 && row["unfused_ms"].as_f64().unwrap() > 0.0,
+        "{row}"
+    );
+    assert_eq!(row["numpy_ms"].as_f64(), Some(900.0));
+    let vs = row["speedup_vs_numpy"].as_f64().unwrap();
+    assert!((vs - 900.0 / fused).abs() < 1e-9 * vs, "{row}");
+    assert!(row["pct_of_sgemm"].as_f64().unwrap() > 0.0, "{row}");
+    assert!(row["extra_mem_bytes"].as_u64().unwrap() > 0, "{row}");
+    assert!(row["check"].as_str().unwrap().starts_with("ok"), "{row}");
+    let rows = v["rows"].as_array().unwrap();
+    assert!(
+        rows.len() > 1
+            && rows[1..]
+                .iter()
+                .all(|r| r["cpu_ms"].as_f64().unwrap() > 0.0)
+    );
+
+    let out = infonce()
+        .args(["bench", "--backend", "cpu", "--preset", "clip-xl"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--backend cuda"), "{err}");
 }

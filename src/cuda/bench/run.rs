@@ -65,7 +65,7 @@ pub fn run(
         props.total_memory as f64 / 1e9
     );
     let driver = driver_version().ok().map(|(a, b)| format!("CUDA {a}.{b}"));
-    let mut report = Report::new(Some(device), driver, repeat);
+    let mut report = Report::new("cuda", Some(device), driver, repeat);
     report.peaks = peaks;
     for p in presets {
         let row = preset_row(gpu, p, torch, repeat, peaks, &unfused, progress)?;
