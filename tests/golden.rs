@@ -1,7 +1,7 @@
 //! The golden cases of `../shared/testdata/golden` (vendored in tests/data/golden; computed by an
 //! independent float64 implementation: numpy forward, autodiff gradients) through every backend:
-//! the f64 reference within 1e-9, the CUDA backend (on a GPU, or the emulated device) within
-//! its dtype's tolerance. The `infonce` program runs them too (tests/cli_eval.rs).
+//! the f64 reference within 1e-9, the fast CPU backend and the CUDA backend (on a GPU, or the
+//! emulated device) within their dtype's tolerance. The `infonce` program runs them too (tests/cli_eval.rs).
 //!
 //! A case's inputs keep their CLI names and stored dtypes (f32 or f16); `targets` may be i32 or
 //! i64; an f32 `upstream` holds per-anchor weights (reduction none); the expected outputs are f64
@@ -10,8 +10,8 @@
 mod support;
 
 use fused_infonce::{
-    cuda, f16, reference, DystressGrad, Element, LossInputs, LossOutput, LossSpec, MatRef, Mode,
-    Reduction, Upstream, Variant,
+    cpu, cuda, f16, reference, DystressGrad, Element, LossInputs, LossOutput, LossSpec, MatRef,
+    Mode, Reduction, Upstream, Variant,
 };
 use safetensors::{Dtype, SafeTensors};
 use std::path::PathBuf;
@@ -264,6 +264,21 @@ fn golden_cases_through_the_reference_agree_to_1e9() {
         let data = typed::<f64>(&case);
         let out = evaluate(&case, &data, reference::evaluate);
         check("reference", &case, &out, 1e-9);
+    }
+}
+
+/// The fast CPU backend on the stored inputs, with the CUDA backend's tolerances: f32 within 1e-5
+/// (f32 arithmetic on the same values); the f16 case within 2e-3 of the golden (f64) values, its
+/// inputs being the f16 roundings of theirs (2^-11 relative per element).
+#[test]
+fn golden_cases_through_the_cpu_backend() {
+    for case in cases() {
+        let out = match case.dtype() {
+            "f16" => evaluate(&case, &typed::<f16>(&case), cpu::evaluate),
+            _ => evaluate(&case, &typed::<f32>(&case), cpu::evaluate),
+        };
+        let tol = if case.dtype() == "f16" { 2e-3 } else { 1e-5 };
+        check("cpu", &case, &out, tol);
     }
 }
 
