@@ -1,6 +1,6 @@
 //! The block products, through faer's matrix product (`faer::linalg::matmul::matmul`):
 //! single-threaded (`Par::Seq`, the backend parallelises over blocks itself), f32, with faer's
-//! run-time dispatch to its AVX2/FMA or AVX-512 micro-kernels. Why faer: bench/NOTES-cpu.md.
+//! run-time dispatch to its AVX2/FMA or AVX-512 micro-kernels. Why faer: bench/NOTES.md.
 //!
 //! Every operand is a row-major block given as a slice with its shape; the three shapes the
 //! backend needs are `C = A·Bᵀ` (similarities), `C += A·B` (softmax-weighted key sums) and

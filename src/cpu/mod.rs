@@ -11,7 +11,7 @@
 //! Anchors are cut into blocks of [`Blocking::anchors`] rows and keys into blocks of
 //! [`Blocking::keys`] rows ([`Blocking::for_dim`], tuned on the presets). For each tile the
 //! similarity block `S = A_I·B_Jᵀ` comes from faer's single-threaded matrix product (`gemm.rs`;
-//! why faer: bench/NOTES-cpu.md), then the temperature, the mask (positive, self, hard
+//! why faer: bench/NOTES.md), then the temperature, the mask (positive, self, hard
 //! negatives), the online log-sum-exp and the gradient weights are computed while the tile is in
 //! cache, with a vectorised `exp`. Nothing N×K is ever stored:
 //! - `queue`, `cross`: one forward sweep per anchor block over the key blocks computes the LSE
@@ -91,7 +91,7 @@ pub struct Blocking {
 }
 
 impl Blocking {
-    /// The default for embedding dimension `d`, tuned on the CPU presets (bench/NOTES-cpu.md):
+    /// The default for embedding dimension `d`, tuned on the CPU presets (bench/NOTES.md):
     /// 256 × 256 up to D = 256 (a tile and its weights 0.5 MB, a key block 0.25 MB at D = 128),
     /// 512 × 512 beyond (at D = 768 the products dominate and larger tiles run them faster).
     pub fn for_dim(d: usize) -> Blocking {
