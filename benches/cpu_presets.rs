@@ -9,7 +9,8 @@
 //! (criterion's test mode) without the table.
 
 use criterion::{criterion_group, BenchmarkId, Criterion};
-use fused_infonce::cpu::bench::{run_preset, PresetData, CPU_PRESETS};
+use fused_infonce::bench::{Preset, CPU_PRESETS};
+use fused_infonce::cpu::bench::{run_preset, PresetData};
 use fused_infonce::cpu::{self, unfused};
 use fused_infonce::Upstream;
 
@@ -17,7 +18,7 @@ fn full_bench_run() -> bool {
     std::env::args().any(|a| a == "--bench")
 }
 
-fn selected() -> Vec<cpu::bench::CpuPreset> {
+fn selected() -> Vec<Preset> {
     let only = std::env::var("CPU_PRESETS_ONLY").ok();
     CPU_PRESETS
         .iter()

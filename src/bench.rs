@@ -157,7 +157,7 @@ impl Timing {
 /// A benchmark shape of spec/performance.md.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Preset {
-    /// `moco`, `moco-xl`, `simclr`, `clip`, `clip-xl`.
+    /// `moco`, `moco-xl`, `simclr`, `clip`, `clip-xl`; on the CPU `moco`, `simclr-cpu`, `clip-cpu`.
     pub name: &'static str,
     /// The mode.
     pub mode: Mode,
@@ -173,7 +173,7 @@ pub struct Preset {
     pub learnable: bool,
 }
 
-/// Every preset, in the order of spec/performance.md (all bf16).
+/// Every GPU preset, in the order of spec/performance.md (all bf16).
 pub const PRESETS: [Preset; 5] = [
     Preset {
         name: "moco",
@@ -222,10 +222,39 @@ pub const PRESETS: [Preset; 5] = [
     },
 ];
 
+/// The CPU presets (spec/performance.md, *The CPU backend*; f32): `moco` at its real shape,
+/// `simclr-cpu`, `clip-cpu`. Work: loss + dq + dp, loss + dE, loss + dA + dB + dτ.
+pub const CPU_PRESETS: [Preset; 3] = [
+    PRESETS[0],
+    Preset {
+        name: "simclr-cpu",
+        mode: Mode::InBatch,
+        anchors: 4096,
+        keys: 4096,
+        dim: 128,
+        tau: 0.1,
+        learnable: false,
+    },
+    Preset {
+        name: "clip-cpu",
+        mode: Mode::Symmetric,
+        anchors: 4096,
+        keys: 4096,
+        dim: 768,
+        tau: 0.07,
+        learnable: true,
+    },
+];
+
 impl Preset {
-    /// The preset called `name`.
+    /// The GPU preset called `name`.
     pub fn by_name(name: &str) -> Option<Preset> {
         PRESETS.iter().copied().find(|p| p.name == name)
+    }
+
+    /// The CPU preset called `name`.
+    pub fn cpu_by_name(name: &str) -> Option<Preset> {
+        CPU_PRESETS.iter().copied().find(|p| p.name == name)
     }
 
     /// The preset's loss spec (mean reduction; the queue's gradient is not asked for, as MoCo).

@@ -11,6 +11,8 @@
 //! tiny). f16/bf16 inputs are compared with the reference on the same stored values, so what
 //! remains is f32 arithmetic for every dtype. NaN never passes.
 
+#[path = "support/problem.rs"]
+mod problem;
 mod support;
 
 use fused_infonce::cpu::{self, Blocking};
@@ -18,6 +20,7 @@ use fused_infonce::{
     bf16, f16, reference, DystressGrad, Element, Error, LossInputs, LossOutput, LossSpec, MatRef,
     Mode, Reduction, Temperature, Upstream, Variant,
 };
+use problem::{loss_count, upstream, Data, Dims};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use support::{assert_outputs_close, Scales};
@@ -34,98 +37,6 @@ fn rows<T: Element>(rng: &mut StdRng, r: usize, d: usize) -> Vec<T> {
             T::from_f64(sign * v * s)
         })
         .collect()
-}
-
-/// A problem's shape: (N anchors or pairs, keys: K / M, D).
-#[derive(Debug, Clone, Copy)]
-struct Dims {
-    n: usize,
-    k: usize,
-    d: usize,
-}
-
-/// Owned inputs of one mode.
-struct Data<T> {
-    a: Vec<T>,
-    b: Vec<T>,
-    c: Vec<T>,
-    targets: Option<Vec<i64>>,
-    dims: Dims,
-}
-
-impl<T: Element> Data<T> {
-    fn new(mode: Mode, dims: Dims, seed: u64, with_targets: bool) -> Self {
-        let mut rng = StdRng::seed_from_u64(seed);
-        let Dims { n, k, d } = dims;
-        let (a, b, c) = match mode {
-            Mode::Queue => (
-                rows(&mut rng, n, d),
-                rows(&mut rng, n, d),
-                rows(&mut rng, k, d),
-            ),
-            Mode::InBatch => (rows(&mut rng, 2 * n, d), Vec::new(), Vec::new()),
-            Mode::Cross => (rows(&mut rng, n, d), rows(&mut rng, k, d), Vec::new()),
-            Mode::Symmetric => (rows(&mut rng, n, d), rows(&mut rng, n, d), Vec::new()),
-        };
-        let targets = (mode == Mode::Cross && with_targets)
-            .then(|| (0..n).map(|_| rng.random_range(0..k as i64)).collect());
-        Self {
-            a,
-            b,
-            c,
-            targets,
-            dims,
-        }
-    }
-
-    fn inputs(&self, mode: Mode) -> LossInputs<'_, T> {
-        let Dims { n, k, d } = self.dims;
-        fn mat<'a, T: Element>(
-            name: &'static str,
-            v: &'a [T],
-            r: usize,
-            d: usize,
-        ) -> MatRef<'a, T> {
-            MatRef::new(name, v, r, d).expect("consistent sizes")
-        }
-        let m = |name, v, r| mat(name, v, r, d);
-        match mode {
-            Mode::Queue => LossInputs::Queue {
-                query: m("query", &self.a, n),
-                positive: m("positive", &self.b, n),
-                queue: m("queue", &self.c, k),
-            },
-            Mode::InBatch => LossInputs::InBatch {
-                embeddings: m("embeddings", &self.a, 2 * n),
-            },
-            Mode::Cross => LossInputs::Cross {
-                query: m("query", &self.a, n),
-                key: m("key", &self.b, k),
-                targets: self.targets.as_deref(),
-            },
-            Mode::Symmetric => LossInputs::Symmetric {
-                query: m("query", &self.a, n),
-                key: m("key", &self.b, n),
-            },
-        }
-    }
-}
-
-fn loss_count(mode: Mode, dims: Dims) -> usize {
-    match mode {
-        Mode::InBatch | Mode::Symmetric => 2 * dims.n,
-        _ => dims.n,
-    }
-}
-
-fn upstream(spec: &LossSpec, count: usize, seed: u64) -> Upstream {
-    match spec.reduction() {
-        Reduction::None => {
-            let mut rng = StdRng::seed_from_u64(seed);
-            Upstream::PerAnchor((0..count).map(|_| rng.random_range(0.1..1.0)).collect())
-        }
-        _ => Upstream::Scalar(0.75),
-    }
 }
 
 /// The fast backend against the reference on the same inputs; errors must agree.
@@ -165,7 +76,7 @@ fn check<T: Element>(
 /// One spec on one shape in dtype T, with the default blocks and with `blocking`.
 fn parity<T: Element>(spec: &LossSpec, dims: Dims, seed: u64, blocking: Option<Blocking>) {
     let mode = spec.mode();
-    let data = Data::<T>::new(mode, dims, seed, seed % 2 == 0);
+    let data = Data::<T>::new(mode, dims, seed, seed % 2 == 0, rows::<T>);
     let inputs = data.inputs(mode);
     let up = upstream(spec, loss_count(mode, dims), seed + 1);
     let what = format!("{} {dims:?} {spec:?} {blocking:?}", T::DTYPE);
@@ -622,7 +533,7 @@ fn bitwise_identical_for_any_thread_count() {
                 .grad_queue(mode == Mode::Queue)
                 .build()
                 .unwrap();
-            let data = Data::<f32>::new(mode, dims, 77, true);
+            let data = Data::<f32>::new(mode, dims, 77, true, rows::<f32>);
             let inputs = data.inputs(mode);
             for blocking in [
                 None,
@@ -671,7 +582,7 @@ fn unfused_baseline_matches_the_reference() {
                     .unwrap();
                 for (si, dims) in shapes(mode).into_iter().enumerate() {
                     let seed = 3000 + si as u64;
-                    let data = Data::<f32>::new(mode, dims, seed, seed % 2 == 0);
+                    let data = Data::<f32>::new(mode, dims, seed, seed % 2 == 0, rows::<f32>);
                     let inputs = data.inputs(mode);
                     let up = upstream(&spec, loss_count(mode, dims), seed + 1);
                     let want = reference::evaluate(&spec, &inputs, &up).unwrap();
@@ -679,7 +590,7 @@ fn unfused_baseline_matches_the_reference() {
                     let what = format!("unfused f32 {dims:?} {spec:?}");
                     let sc = Scales::of(&spec, &inputs, &up);
                     assert_outputs_close(&what, &(&got).into(), &want, TOL, &sc);
-                    let data = Data::<bf16>::new(mode, dims, seed, seed % 2 == 0);
+                    let data = Data::<bf16>::new(mode, dims, seed, seed % 2 == 0, rows::<bf16>);
                     let inputs = data.inputs(mode);
                     let want = reference::evaluate(&spec, &inputs, &up).unwrap();
                     let got = cpu::unfused::evaluate(&spec, &inputs, &up).unwrap();
@@ -690,7 +601,13 @@ fn unfused_baseline_matches_the_reference() {
             }
         }
     }
-    let data = Data::<f32>::new(Mode::Cross, Dims { n: 3, k: 5, d: 4 }, 1, false);
+    let data = Data::<f32>::new(
+        Mode::Cross,
+        Dims { n: 3, k: 5, d: 4 },
+        1,
+        false,
+        rows::<f32>,
+    );
     let inputs = data.inputs(Mode::Cross);
     for spec in [
         LossSpec::cross().normalize(true).build(),

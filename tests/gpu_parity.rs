@@ -6,8 +6,11 @@
 //! logits stay moderate and an f32 loss is not a small difference of large numbers).
 //! Without a GPU each test prints `skipped: no CUDA device` and returns.
 
+#[path = "support/problem.rs"]
+mod problem;
 mod support;
 
+use problem::{loss_count, upstream, Data, Dims};
 use support::{assert_outputs_close, Scales};
 
 use fused_infonce::cuda::{
@@ -45,92 +48,6 @@ fn rows<T: Element>(rng: &mut StdRng, r: usize, d: usize) -> Vec<T> {
         .collect()
 }
 
-/// A problem's shape: (N anchors or pairs, keys: K / M, D).
-#[derive(Debug, Clone, Copy)]
-struct Dims {
-    n: usize,
-    k: usize,
-    d: usize,
-}
-
-/// Owned inputs of one mode.
-struct Data<T> {
-    a: Vec<T>,
-    b: Vec<T>,
-    c: Vec<T>,
-    targets: Option<Vec<i64>>,
-    dims: Dims,
-}
-
-impl<T: Element> Data<T> {
-    fn new(mode: Mode, dims: Dims, seed: u64, with_targets: bool) -> Self {
-        let mut rng = StdRng::seed_from_u64(seed);
-        let Dims { n, k, d } = dims;
-        let (a, b, c) = match mode {
-            Mode::Queue => (
-                rows(&mut rng, n, d),
-                rows(&mut rng, n, d),
-                rows(&mut rng, k, d),
-            ),
-            Mode::InBatch => (rows(&mut rng, 2 * n, d), Vec::new(), Vec::new()),
-            Mode::Cross => (rows(&mut rng, n, d), rows(&mut rng, k, d), Vec::new()),
-            Mode::Symmetric => (rows(&mut rng, n, d), rows(&mut rng, n, d), Vec::new()),
-        };
-        let targets = (mode == Mode::Cross && with_targets)
-            .then(|| (0..n).map(|_| rng.random_range(0..k as i64)).collect());
-        Self {
-            a,
-            b,
-            c,
-            targets,
-            dims,
-        }
-    }
-
-    fn inputs(&self, mode: Mode) -> LossInputs<'_, T> {
-        let Dims { n, k, d } = self.dims;
-        fn m<'a, T: Element>(name: &'static str, v: &'a [T], r: usize, d: usize) -> MatRef<'a, T> {
-            MatRef::new(name, v, r, d).unwrap()
-        }
-        match mode {
-            Mode::Queue => LossInputs::Queue {
-                query: m("query", &self.a, n, d),
-                positive: m("positive", &self.b, n, d),
-                queue: m("queue", &self.c, k, d),
-            },
-            Mode::InBatch => LossInputs::InBatch {
-                embeddings: m("embeddings", &self.a, 2 * n, d),
-            },
-            Mode::Cross => LossInputs::Cross {
-                query: m("query", &self.a, n, d),
-                key: m("key", &self.b, k, d),
-                targets: self.targets.as_deref(),
-            },
-            Mode::Symmetric => LossInputs::Symmetric {
-                query: m("query", &self.a, n, d),
-                key: m("key", &self.b, n, d),
-            },
-        }
-    }
-}
-
-fn upstream(spec: &LossSpec, count: usize, seed: u64) -> Upstream {
-    match spec.reduction() {
-        Reduction::None => {
-            let mut rng = StdRng::seed_from_u64(seed);
-            Upstream::PerAnchor((0..count).map(|_| rng.random_range(0.1..1.0)).collect())
-        }
-        _ => Upstream::Scalar(0.75),
-    }
-}
-
-fn loss_count(mode: Mode, dims: Dims) -> usize {
-    match mode {
-        Mode::InBatch | Mode::Symmetric => 2 * dims.n,
-        _ => dims.n,
-    }
-}
-
 /// Runs one spec on one shape in dtype T on both backends and compares.
 fn parity<T: Element + DeviceElement>(
     gpu: &Gpu,
@@ -140,7 +57,7 @@ fn parity<T: Element + DeviceElement>(
     opts: &DeviceOptions,
 ) {
     let mode = spec.mode();
-    let data = Data::<T>::new(mode, dims, seed, seed % 2 == 0);
+    let data = Data::<T>::new(mode, dims, seed, seed % 2 == 0, rows::<T>);
     let inputs = data.inputs(mode);
     let up = upstream(spec, loss_count(mode, dims), seed + 1);
     let what = format!("{} {:?} {dims:?} {spec:?} {opts:?}", T::DTYPE, mode);
@@ -405,7 +322,7 @@ fn fused_loss_is_deterministic() {
             .grad_queue(mode == Mode::Queue)
             .build()
             .unwrap();
-        let data = Data::<f32>::new(mode, dims, 77, false);
+        let data = Data::<f32>::new(mode, dims, 77, false, rows::<f32>);
         let inputs = data.inputs(mode);
         let mats: Vec<DeviceMatrix<f32>> = inputs
             .matrices()
@@ -544,7 +461,7 @@ fn large_queue_beyond_2_pow_31_logits() {
         k: 65536,
         d: 4,
     };
-    let data = Data::<bf16>::new(Mode::Queue, dims, 11, false);
+    let data = Data::<bf16>::new(Mode::Queue, dims, 11, false, rows::<bf16>);
     let inputs = data.inputs(Mode::Queue);
     let mats: Vec<DeviceMatrix<bf16>> = inputs
         .matrices()

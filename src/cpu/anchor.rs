@@ -3,6 +3,7 @@
 //! positive is the largest logit, the decoupled and simple variants, `∂L/∂τ`.
 
 use super::kernels::Kind;
+use crate::reference::anchor::positive_terms;
 use crate::reference::LsePartial;
 use crate::spec::{Temperature, Variant};
 
@@ -63,24 +64,7 @@ pub(crate) fn finalize(st: Merged, w: f64, ctx: &LossCtx) -> Fin {
         max: st.m,
         sum: st.sum,
     };
-    let decoupled = ctx.variant == Variant::Decoupled;
-    let lse = if decoupled {
-        neg.lse()
-    } else {
-        LsePartial::of(&[z_pos]).merge(neg).lse()
-    };
-    // As the reference: L = ln(1 + r), r = Σ exp(z_j − z₊), when the positive is the largest.
-    let r = (!decoupled && z_pos.is_finite() && neg.max <= z_pos)
-        .then(|| neg.sum * (neg.max - z_pos).exp());
-    let loss = match r {
-        Some(r) => r.ln_1p(),
-        None => lse - z_pos,
-    };
-    let dz_pos = match r {
-        _ if decoupled => -w,
-        Some(r) => -w * (r / (1.0 + r)),
-        None => w * ((z_pos - lse).exp() - 1.0),
-    };
+    let (lse, loss, dz_pos) = positive_terms(z_pos, neg, ctx.variant == Variant::Decoupled, w);
     // P_j = exp(z_j − m) · c.
     let c = if st.sum == 0.0 {
         0.0

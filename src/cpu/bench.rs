@@ -15,97 +15,24 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use super::pair::chunks;
+use crate::bench::Preset;
 use crate::error::{Error, Result};
 use crate::loss::{LossInputs, LossOutput, Upstream};
-use crate::spec::{LossSpec, Mode};
+use crate::spec::Mode;
 use crate::tensor::MatRef;
 
 /// Repetitions below which a CPU median is not reported as a benchmark figure (the issue's
 /// "median of ≥ 10 runs"; the CPU presets take 20–300 ms a call).
 pub const CPU_MIN_REPEAT: usize = 10;
 
-/// One CPU preset (spec/performance.md, *The CPU backend*).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct CpuPreset {
-    /// `moco`, `simclr-cpu`, `clip-cpu`.
-    pub name: &'static str,
-    /// The mode.
-    pub mode: Mode,
-    /// Anchors: N (queue, symmetric) or 2N (inbatch).
-    pub anchors: usize,
-    /// Keys: K (queue), 2N (inbatch), N (symmetric).
-    pub keys: usize,
-    /// D.
-    pub dim: usize,
-    /// τ.
-    pub tau: f64,
-    /// Whether τ is learnable (the output has `dL/dτ`).
-    pub learnable: bool,
-}
-
-/// The presets: `moco` (loss + dq + dp), `simclr-cpu` (loss + dE), `clip-cpu` (loss + dA + dB +
-/// dτ), all f32 without normalisation (the rows are unit rows already).
-pub const CPU_PRESETS: [CpuPreset; 3] = [
-    CpuPreset {
-        name: "moco",
-        mode: Mode::Queue,
-        anchors: 256,
-        keys: 65536,
-        dim: 128,
-        tau: 0.2,
-        learnable: false,
-    },
-    CpuPreset {
-        name: "simclr-cpu",
-        mode: Mode::InBatch,
-        anchors: 4096,
-        keys: 4096,
-        dim: 128,
-        tau: 0.1,
-        learnable: false,
-    },
-    CpuPreset {
-        name: "clip-cpu",
-        mode: Mode::Symmetric,
-        anchors: 4096,
-        keys: 4096,
-        dim: 768,
-        tau: 0.07,
-        learnable: true,
-    },
-];
-
-impl CpuPreset {
-    /// The preset called `name`.
-    pub fn by_name(name: &str) -> Result<CpuPreset> {
-        CPU_PRESETS
-            .iter()
-            .find(|p| p.name == name)
-            .copied()
-            .ok_or_else(|| {
-                Error::parameter(
-                    "preset",
-                    name,
-                    "one of moco, simclr-cpu, clip-cpu (spec/performance.md)",
-                )
-            })
-    }
-
-    /// The preset's loss.
-    pub fn spec(&self) -> Result<LossSpec> {
-        let b = LossSpec::builder(self.mode);
-        if self.learnable {
-            b.learnable_temperature(self.tau).build()
-        } else {
-            b.temperature(self.tau).build()
-        }
-    }
-
+/// The CPU presets: [`crate::bench::CPU_PRESETS`]; what the fused CPU schedule and the unfused
+/// pipeline do on one of them.
+impl Preset {
     /// The same preset with every size divided by `by` (at least 2 rows, 8 columns): the shape
     /// the reference checks.
-    pub fn reduced(&self, by: usize) -> CpuPreset {
+    pub fn reduced(&self, by: usize) -> Preset {
         let even = |x: usize| (x / by).max(2) & !1;
-        CpuPreset {
+        Preset {
             anchors: even(self.anchors),
             keys: even(self.keys),
             dim: (self.dim / by).max(8),
@@ -117,7 +44,7 @@ impl CpuPreset {
     /// over the tiles of block pairs, `S` twice, `H·E_q` and `Hᵀ·E_p` (`4R²D + 2RbD` for blocks
     /// of b rows: the diagonal tiles have one gradient product); symmetric two `S`, `G·B`, `Gᵀ·A`
     /// (8N²D); cross `S`, `P·B`, `S`, `Gᵀ·A` (8NMD).
-    pub fn fused_product_flops(&self) -> f64 {
+    pub fn cpu_product_flops(&self) -> f64 {
         let (n, k, d) = (self.anchors as f64, self.keys as f64, self.dim as f64);
         let b = super::Blocking::for_dim(self.dim).anchors as f64;
         match self.mode {
@@ -129,7 +56,7 @@ impl CpuPreset {
 
     /// FLOPs of the unfused pipeline's products: queue `S`, `dZ·M` (4NKD); the others `S`, `dZ·Y`,
     /// `dZᵀ·X` (6NKD).
-    pub fn unfused_product_flops(&self) -> f64 {
+    pub fn cpu_unfused_product_flops(&self) -> f64 {
         let (n, k, d) = (self.anchors as f64, self.keys as f64, self.dim as f64);
         match self.mode {
             Mode::Queue => 4.0 * n * k * d,
@@ -140,7 +67,7 @@ impl CpuPreset {
     /// Bytes the fused backend allocates beyond inputs and gradients with `threads` tasks in
     /// flight (tiles and blocks per task, per-anchor scalars, key-chunk partials), from the
     /// allocations of `pair.rs` / `symmetric.rs` at the default blocking.
-    pub fn fused_extra_bytes(&self, threads: usize) -> usize {
+    pub fn cpu_extra_bytes(&self, threads: usize) -> usize {
         let bl = super::Blocking::for_dim(self.dim);
         let (ba, bb, d) = (bl.anchors, bl.keys, self.dim);
         let f = std::mem::size_of::<f32>();
@@ -168,7 +95,7 @@ impl CpuPreset {
     }
 
     /// Bytes of the unfused pipeline's logit matrices and f32 gradients.
-    pub fn unfused_extra_bytes(&self) -> usize {
+    pub fn cpu_unfused_extra_bytes(&self) -> usize {
         let f = std::mem::size_of::<f32>();
         let logits = self.anchors * self.keys * f;
         match self.mode {
@@ -194,7 +121,7 @@ pub fn unit_rows(seed: u64, rows: usize, d: usize) -> Vec<f32> {
 /// A preset's inputs, owned.
 #[derive(Debug, Clone)]
 pub struct PresetData {
-    preset: CpuPreset,
+    preset: Preset,
     a: Vec<f32>,
     b: Vec<f32>,
     c: Vec<f32>,
@@ -202,7 +129,7 @@ pub struct PresetData {
 
 impl PresetData {
     /// Random unit rows for `preset` (seed `seed`).
-    pub fn random(preset: &CpuPreset, seed: u64) -> PresetData {
+    pub fn random(preset: &Preset, seed: u64) -> PresetData {
         let (n, k, d) = (preset.anchors, preset.keys, preset.dim);
         let (a, b, c) = match preset.mode {
             Mode::Queue => (
@@ -280,7 +207,7 @@ pub struct BenchRow {
     /// `fused_gflops / sgemm_gflops` (%).
     pub pct_of_sgemm: f64,
     /// Extra memory of the fused backend (bytes; an upper bound computed from its allocations,
-    /// [`CpuPreset::fused_extra_bytes`]).
+    /// [`Preset::fused_extra_bytes`]).
     pub fused_extra_bytes: usize,
     /// Extra memory of the unfused baseline (logits and f32 gradients, bytes).
     pub unfused_extra_bytes: usize,
@@ -349,7 +276,7 @@ pub fn sgemm_gflops() -> f64 {
 ///
 /// Errors: the preset's own evaluation errors, and [`Error::Unsupported`] when a check against
 /// the reference fails (a wrong result is reported, not timed).
-pub fn run_preset(preset: &CpuPreset, repeat: usize) -> Result<BenchRow> {
+pub fn run_preset(preset: &Preset, repeat: usize) -> Result<BenchRow> {
     let repeat = repeat.max(1);
     let spec = preset.spec()?;
     // Correctness first: the reference on a reduced shape, then fused against unfused in full.
@@ -381,7 +308,7 @@ pub fn run_preset(preset: &CpuPreset, repeat: usize) -> Result<BenchRow> {
         super::unfused::evaluate(&spec, &inputs, &Upstream::One).map(|_| ())
     })?;
     let threads = rayon::current_num_threads();
-    let fused_gflops = preset.fused_product_flops() / (f_med * 1e-3) / 1e9;
+    let fused_gflops = preset.cpu_product_flops() / (f_med * 1e-3) / 1e9;
     Ok(BenchRow {
         preset: preset.name.to_string(),
         threads,
@@ -393,11 +320,11 @@ pub fn run_preset(preset: &CpuPreset, repeat: usize) -> Result<BenchRow> {
         unfused_min_ms: u_min,
         speedup: u_med / f_med,
         fused_gflops,
-        unfused_gflops: preset.unfused_product_flops() / (u_med * 1e-3) / 1e9,
+        unfused_gflops: preset.cpu_unfused_product_flops() / (u_med * 1e-3) / 1e9,
         sgemm_gflops: sgemm,
         pct_of_sgemm: 100.0 * fused_gflops / sgemm,
-        fused_extra_bytes: preset.fused_extra_bytes(threads),
-        unfused_extra_bytes: preset.unfused_extra_bytes(),
+        fused_extra_bytes: preset.cpu_extra_bytes(threads),
+        unfused_extra_bytes: preset.cpu_unfused_extra_bytes(),
         max_rel_err: err,
     })
 }
@@ -409,7 +336,7 @@ pub fn run_preset(preset: &CpuPreset, repeat: usize) -> Result<BenchRow> {
 /// its row with the reason. Progress: one unit per preset, three for the reference.
 pub fn run(
     repeat: usize,
-    presets: &[CpuPreset],
+    presets: &[Preset],
     numpy: &[crate::bench::NumpyTiming],
     progress: &dyn crate::progress::Progress,
 ) -> Result<crate::bench::Report> {

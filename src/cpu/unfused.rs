@@ -20,8 +20,8 @@ use rayon::prelude::*;
 use super::gemm::par_matmul;
 use super::simd;
 use crate::error::{Error, Result};
-use crate::loss::{Gradient, LossInputs, LossOutput, LossValue, Upstream};
-use crate::spec::{LossSpec, Mode, Reduction, Temperature, Variant};
+use crate::loss::{Gradient, LossInputs, LossOutput, Upstream};
+use crate::spec::{LossSpec, Mode, Temperature, Variant};
 use crate::tensor::{DType, Element, MatRef as InputRef, Matrix};
 
 /// Evaluates `spec` on `inputs` the unfused way (module docs); the same output as
@@ -228,7 +228,7 @@ pub fn evaluate<T: Element>(
         }
     };
     let symmetric = spec.mode() == Mode::Symmetric;
-    let loss = reduce(&losses, spec.reduction(), symmetric);
+    let loss = crate::reference::reduce(&losses, spec.reduction(), symmetric);
     let grads = mats
         .iter()
         .zip(out_grads)
@@ -402,28 +402,5 @@ fn symmetric_ce(
         lse: lse_r.into_iter().map(f64::from).collect(),
         lse_cols: lse_c.into_iter().map(f64::from).collect(),
         dtau,
-    }
-}
-
-/// The reduction, as the reference.
-fn reduce(losses: &[f64], reduction: Reduction, symmetric: bool) -> LossValue {
-    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
-    let sum = |v: &[f64]| v.iter().sum::<f64>();
-    if symmetric {
-        let (rows, cols) = losses.split_at(losses.len() / 2);
-        match reduction {
-            Reduction::Mean => LossValue::Scalar(0.5 * (mean(rows) + mean(cols))),
-            Reduction::Sum => LossValue::Scalar(0.5 * (sum(rows) + sum(cols))),
-            Reduction::None => LossValue::Symmetric {
-                rows: rows.to_vec(),
-                cols: cols.to_vec(),
-            },
-        }
-    } else {
-        match reduction {
-            Reduction::Mean => LossValue::Scalar(mean(losses)),
-            Reduction::Sum => LossValue::Scalar(sum(losses)),
-            Reduction::None => LossValue::PerAnchor(losses.to_vec()),
-        }
     }
 }

@@ -90,29 +90,7 @@ pub(crate) fn anchor_loss(
             p
         })
         .fold(LsePartial::EMPTY, LsePartial::merge);
-    let decoupled = *variant == Variant::Decoupled;
-    let lse = if decoupled {
-        neg.lse()
-    } else {
-        LsePartial::of(&[z_pos]).merge(neg).lse()
-    };
-    // Standard: L = log(1 + r), r = Σ_j exp(z_j − z+). When the positive is the largest logit
-    // r ≤ #negatives cannot overflow, and ln_1p keeps L's relative precision as L → 0, where
-    // `lse − z+` rounds L to a multiple of ulp(z+) (3e-11 relative for the logits [10, 20, 30] of
-    // spec/losses.md's limits, exactly 0 for [100, 200, 300]).
-    let r = (!decoupled && z_pos.is_finite() && neg.max <= z_pos)
-        .then(|| neg.sum * (neg.max - z_pos).exp());
-    let loss = match r {
-        Some(r) => r.ln_1p(),
-        None => lse - z_pos,
-    };
-    // ∂L/∂z: standard P_c − [c = +] (P+ − 1 = −r/(1 + r)); decoupled −1 for the positive,
-    // softmax over negatives.
-    let dz_pos = match r {
-        _ if decoupled => -w,
-        Some(r) => -w * (r / (1.0 + r)),
-        None => w * ((z_pos - lse).exp() - 1.0),
-    };
+    let (lse, loss, dz_pos) = positive_terms(z_pos, neg, *variant == Variant::Decoupled, w);
     let dz_neg: Vec<f64> = z_neg
         .iter()
         .zip(&keep)
@@ -138,6 +116,39 @@ pub(crate) fn anchor_loss(
             .collect(),
         d_tau,
     }
+}
+
+/// An anchor's log-sum-exp, loss and `∂L/∂z₊` from its positive logit `z_pos` and the merged
+/// partial `neg` of its kept negatives, with upstream weight `w` (the fast CPU backend shares it).
+///
+/// Standard: `L = ln(1 + r)`, `r = Σ_j exp(z_j − z₊)`. When the positive is the largest logit
+/// `r ≤ #negatives` cannot overflow, and `ln_1p` keeps L's relative precision as L → 0, where
+/// `lse − z₊` rounds L to a multiple of ulp(z₊) (3e-11 relative for the logits [10, 20, 30] of
+/// spec/losses.md's limits, exactly 0 for [100, 200, 300]). `∂L/∂z₊ = P₊ − 1 = −r/(1 + r)`.
+/// Decoupled: the positive is out of the LSE, `∂L/∂z₊ = −1` (times `w`).
+pub(crate) fn positive_terms(
+    z_pos: f64,
+    neg: LsePartial,
+    decoupled: bool,
+    w: f64,
+) -> (f64, f64, f64) {
+    let lse = if decoupled {
+        neg.lse()
+    } else {
+        LsePartial::of(&[z_pos]).merge(neg).lse()
+    };
+    let r = (!decoupled && z_pos.is_finite() && neg.max <= z_pos)
+        .then(|| neg.sum * (neg.max - z_pos).exp());
+    let loss = match r {
+        Some(r) => r.ln_1p(),
+        None => lse - z_pos,
+    };
+    let dz_pos = match r {
+        _ if decoupled => -w,
+        Some(r) => -w * (r / (1.0 + r)),
+        None => w * ((z_pos - lse).exp() - 1.0),
+    };
+    (lse, loss, dz_pos)
 }
 
 #[cfg(test)]

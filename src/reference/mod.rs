@@ -219,7 +219,7 @@ fn chain_normalize(m: &Rows, du: Matrix) -> Matrix {
 }
 
 /// The reduction of the per-anchor losses (symmetric: rows then columns, see the module docs).
-fn reduce(losses: &[f64], reduction: Reduction, symmetric: bool) -> LossValue {
+pub(crate) fn reduce(losses: &[f64], reduction: Reduction, symmetric: bool) -> LossValue {
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
     let sum = |v: &[f64]| v.iter().sum::<f64>();
     if symmetric {

@@ -10,13 +10,13 @@ use std::path::{Path, PathBuf};
 
 use fused_infonce::bench::{
     parse_numpy_timings, parse_torch_timings, reference_small_shapes, NumpyTiming, Preset, Report,
-    TorchTiming, MIN_REPEAT, PRESETS,
+    TorchTiming, CPU_PRESETS, MIN_REPEAT, PRESETS,
 };
-use fused_infonce::cpu::bench::{CpuPreset, CPU_MIN_REPEAT, CPU_PRESETS};
+use fused_infonce::cpu::bench::CPU_MIN_REPEAT;
 use fused_infonce::cuda::{self, Gpu};
-use fused_infonce::progress::Progress;
 use fused_infonce::{Error, Result};
-use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::bar::Bar;
 
 /// Which presets to run (spec/performance.md): the GPU presets, the CPU presets (`moco` is both).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -70,13 +70,13 @@ impl PresetArg {
             })
     }
 
-    fn cpu_presets(self) -> Result<Vec<CpuPreset>> {
+    fn cpu_presets(self) -> Result<Vec<Preset>> {
         if self == PresetArg::All {
             return Ok(CPU_PRESETS.to_vec());
         }
-        CpuPreset::by_name(self.name())
+        Preset::cpu_by_name(self.name())
             .map(|p| vec![p])
-            .map_err(|_| {
+            .ok_or_else(|| {
                 Error::parameter(
                     "--preset",
                     self.name(),
@@ -172,9 +172,12 @@ pub fn run(args: &Args) -> Result<()> {
             if numpy.is_some() {
                 println!("note: --numpy times the CPU presets; not merged into a GPU run");
             }
-            let bar = Bar::new(1 + 5 * presets.len() as u64);
+            let bar = Bar::new(
+                "{spinner} bench [{bar:30}] {pos}/{len} {elapsed} {msg}",
+                1 + 5 * presets.len() as u64,
+            );
             let r = cuda::bench::run(&gpu, args.repeat, &presets, &torch, &bar);
-            bar.0.finish_and_clear();
+            bar.finish();
             r?
         }
         BenchBackend::Cpu => {
@@ -184,9 +187,12 @@ pub fn run(args: &Args) -> Result<()> {
                 println!("note: --torch times the GPU presets; not merged into a CPU run");
             }
             let numpy = numpy.unwrap_or_else(|| run_numpy(&presets, args.repeat));
-            let bar = Bar::new(presets.len() as u64 + 3);
+            let bar = Bar::new(
+                "{spinner} bench [{bar:30}] {pos}/{len} {elapsed} {msg}",
+                presets.len() as u64 + 3,
+            );
             let r = fused_infonce::cpu::bench::run(args.repeat, &presets, &numpy, &bar);
-            bar.0.finish_and_clear();
+            bar.finish();
             r?
         }
     };
@@ -199,16 +205,19 @@ pub fn run_default() -> Result<()> {
     let args = Args::default();
     let report = match Gpu::first() {
         Ok(gpu) => {
-            let bar = Bar::new(1 + 5 * PRESETS.len() as u64);
+            let bar = Bar::new(
+                "{spinner} bench [{bar:30}] {pos}/{len} {elapsed} {msg}",
+                1 + 5 * PRESETS.len() as u64,
+            );
             let r = cuda::bench::run(&gpu, args.repeat, &PRESETS, &[], &bar);
-            bar.0.finish_and_clear();
+            bar.finish();
             r?
         }
         Err(e) => {
             println!("bench: no usable GPU ({e}); timing the CPU reference on small shapes only");
-            let bar = Bar::new(3);
+            let bar = Bar::new("{spinner} bench [{bar:30}] {pos}/{len} {elapsed} {msg}", 3);
             let r = reference_small_shapes(args.repeat, &bar);
-            bar.0.finish_and_clear();
+            bar.finish();
             r?
         }
     };
@@ -245,7 +254,7 @@ fn read_numpy(path: &Path) -> Result<Vec<NumpyTiming>> {
 /// write it). OpenBLAS's `OPENBLAS_CORETYPE` / `OPENBLAS_L2_SIZE` are unset for it (some machines
 /// set them for old builds; they slow a current numpy), so numpy runs its best kernels. Where the
 /// script, Python or numpy is missing, says so on one line and returns no timings.
-fn run_numpy(presets: &[CpuPreset], repeat: usize) -> Vec<NumpyTiming> {
+fn run_numpy(presets: &[Preset], repeat: usize) -> Vec<NumpyTiming> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/numpy_reference.py");
     if !script.is_file() {
         println!("bench: numpy not run ({} not found)", script.display());
@@ -285,33 +294,6 @@ fn run_numpy(presets: &[CpuPreset], repeat: usize) -> Vec<NumpyTiming> {
         }
     }
     out
-}
-
-/// The progress bar the runs report to.
-struct Bar(ProgressBar);
-
-impl Bar {
-    fn new(len: u64) -> Self {
-        let pb = ProgressBar::new(len);
-        if let Ok(style) =
-            ProgressStyle::with_template("{spinner} bench [{bar:30}] {pos}/{len} {elapsed} {msg}")
-        {
-            pb.set_style(style.progress_chars("=> "));
-        }
-        Bar(pb)
-    }
-}
-
-impl Progress for Bar {
-    fn message(&self, what: &str) {
-        self.0.set_message(what.to_string());
-    }
-    fn advance(&self, n: u64) {
-        self.0.inc(n);
-    }
-    fn note(&self, line: &str) {
-        self.0.println(line);
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 //! `infonce`: evaluate, check, benchmark and explore the contrastive loss family
 //! (see spec/cli.md for the interface contract).
 
+mod bar;
 mod bench;
 mod eval;
 mod info;

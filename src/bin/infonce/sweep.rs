@@ -12,8 +12,9 @@ use fused_infonce::sweep::{
 };
 use fused_infonce::train::{Backend, TrainConfig, TrainMode};
 use fused_infonce::{DystressGrad, Error, Result, Temperature};
-use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
+
+use crate::bar::Bar;
 
 /// The backend that evaluates the loss.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -127,33 +128,6 @@ fn schemes(args: &Args) -> Result<Vec<Temperature>> {
         ));
     }
     Ok(out)
-}
-
-/// The progress bar the sweep reports to.
-struct Bar(ProgressBar);
-
-impl Bar {
-    fn new(len: u64) -> Self {
-        let bar = ProgressBar::new(len);
-        if let Ok(style) = ProgressStyle::with_template(
-            "{msg:>22} [{bar:40}] {pos}/{len} {elapsed_precise} (eta {eta})",
-        ) {
-            bar.set_style(style.progress_chars("=> "));
-        }
-        Bar(bar)
-    }
-}
-
-impl Progress for Bar {
-    fn message(&self, what: &str) {
-        self.0.set_message(what.to_string());
-    }
-    fn advance(&self, n: u64) {
-        self.0.inc(n);
-    }
-    fn note(&self, line: &str) {
-        self.0.println(line);
-    }
 }
 
 /// The fixed-temperature rows `(τ, row)` sorted from the highest τ to the lowest.
@@ -335,7 +309,10 @@ impl Sweep<'_> {
             } else {
                 0
             };
-        let bar = Bar::new(total);
+        let bar = Bar::new(
+            "{msg:>22} [{bar:40}] {pos}/{len} {elapsed_precise} (eta {eta})",
+            total,
+        );
         bar.message("gradient picture");
         let pic = gradient_picture(&fixed, &temps, args.bins, args.threshold, backend, &bar)?;
         let train = if args.train {
@@ -354,7 +331,7 @@ impl Sweep<'_> {
         } else {
             None
         };
-        bar.0.finish_and_clear();
+        bar.finish();
 
         print_picture(&fixed, &pic, args.threshold, fixed.negatives());
         if let Some(t) = &train {
