@@ -207,7 +207,7 @@ pub struct BenchRow {
     /// `fused_gflops / sgemm_gflops` (%).
     pub pct_of_sgemm: f64,
     /// Extra memory of the fused backend (bytes; an upper bound computed from its allocations,
-    /// [`Preset::fused_extra_bytes`]).
+    /// [`Preset::cpu_extra_bytes`]).
     pub fused_extra_bytes: usize,
     /// Extra memory of the unfused baseline (logits and f32 gradients, bytes).
     pub unfused_extra_bytes: usize,
