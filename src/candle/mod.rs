@@ -25,7 +25,7 @@
 //! - **CPU tensors** run the fast fused CPU backend ([`crate::cpu::evaluate`]) on the tensors' own
 //!   memory (made contiguous first; no other copy), in f32, f16, bf16 or f64.
 //! - **CUDA tensors** (feature `candle-cuda`) run the fused kernels ([`crate::cuda::evaluate_device`])
-//!   on candle's own buffers and on candle's stream ([`candle_core::CudaDevice::cuda_stream`]):
+//!   on candle's own buffers and on candle's stream (`CudaDevice::cuda_stream`):
 //!   each input's `CudaSlice` is borrowed in place ([`crate::cuda::DeviceMatrix::borrowed`], the
 //!   same borrowed-matrix path as the raw-pointer entry point [`crate::cuda::raw::evaluate_raw`]),
 //!   the results are wrapped as candle tensors without a copy, in f32, f16 or bf16; gradients stay
