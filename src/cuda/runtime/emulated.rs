@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 pub const ENV_DIR: &str = "FUSED_INFONCE_EMULATED_CUDA";
 
 /// The symbol the emulated `libcuda.so` exports (and a real driver does not).
+#[cfg(not(feature = "candle-cuda"))]
 const MARKER: &[u8] = b"fused_infonce_emulated_device\0";
 
 /// Which driver a process ends up with.
