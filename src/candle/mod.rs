@@ -51,7 +51,8 @@
 //!    exact, whatever candle does with the loss afterwards (a weight, a sum with other losses).
 //!
 //! With reduction `none` the upstream is one weight per anchor loss, and `Σ_i w_i ∂L_i/∂x` cannot
-//! be had from the `g = 1` gradients. There the forward computes the loss only, and the backward
+//! be had from the `g = 1` gradients. There the forward computes the loss only (on CUDA; the CPU
+//! backend has no forward-only mode and its `g = 1` gradients are dropped), and the backward
 //! **recomputes**: the first attach op's backward runs the fused evaluation once with
 //! [`Upstream::PerAnchor`] (the upstream read back to the host) and every attach op of the loss
 //! shares its result. The kernels' backward recomputes the similarities from the LSE anyway, so
