@@ -424,6 +424,12 @@ fn errors_are_candle_errors_with_the_crate_message() {
     let y = Tensor::new(&[0i64, 5], &dev).unwrap();
     let e = err_text(cross.cross(&t(2, 4), &t(3, 4), Some(&y)));
     assert!(e.contains("invalid parameter `targets[1]` = 5"), "{e}");
+    let y = Tensor::new(&[0i64, 1, 2], &dev).unwrap();
+    let e = err_text(cross.cross(&t(2, 4), &t(3, 4), Some(&y)));
+    assert!(e.contains("tensor `targets` has shape [3]"), "{e}");
+    let y = Tensor::new(&[0.5f32, 1.0], &dev).unwrap();
+    let e = err_text(cross.cross(&t(2, 4), &t(3, 4), Some(&y)));
+    assert!(e.contains("targets are integer indices"), "{e}");
     // Dtypes: mixed, and unsupported.
     let h = Tensor::zeros((4, 8), DType::F16, &dev).unwrap();
     let e = err_text(op.queue(&t(4, 8), &h, &t(3, 8)));
