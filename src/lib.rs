@@ -28,6 +28,8 @@
 #![warn(missing_docs)]
 
 pub mod bench;
+#[cfg(feature = "candle")]
+pub mod candle;
 pub mod cpu;
 pub mod cuda;
 pub mod data;

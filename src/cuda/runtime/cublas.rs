@@ -31,9 +31,17 @@ pub fn cuda_type(d: DType) -> Result<cudaDataType> {
 }
 
 /// Whether the cuBLAS library can be loaded (never panics).
+#[cfg(not(feature = "candle-cuda"))]
 pub fn cublas_present() -> bool {
     // SAFETY: only tries to dlopen libcublas by its usual names.
     unsafe { cudarc::cublas::sys::is_culib_present() }
+}
+
+/// Whether the cuBLAS library can be loaded: always, with the `candle-cuda` feature (cudarc's
+/// `dynamic-linking`: the program is linked against libcublas).
+#[cfg(feature = "candle-cuda")]
+pub fn cublas_present() -> bool {
+    true
 }
 
 /// A cuBLAS handle on `gpu`'s stream, or a clear error when cuBLAS is missing.

@@ -39,9 +39,18 @@ pub struct DeviceProperties {
 }
 
 /// Whether the CUDA driver library can be loaded on this machine (never panics).
+#[cfg(not(feature = "candle-cuda"))]
 pub fn driver_present() -> bool {
     // SAFETY: only tries to dlopen the driver library by its usual names; loads nothing else.
     unsafe { sys::is_culib_present() }
+}
+
+/// Whether the CUDA driver library can be loaded on this machine: always, in a build with the
+/// `candle-cuda` feature, where candle turns on cudarc's `dynamic-linking` (the program is linked
+/// against libcuda and does not start without it).
+#[cfg(feature = "candle-cuda")]
+pub fn driver_present() -> bool {
+    true
 }
 
 /// The installed driver's CUDA version as (major, minor), e.g. (13, 0).

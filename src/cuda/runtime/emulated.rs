@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 pub const ENV_DIR: &str = "FUSED_INFONCE_EMULATED_CUDA";
 
 /// The symbol the emulated `libcuda.so` exports (and a real driver does not).
+#[cfg(not(feature = "candle-cuda"))]
 const MARKER: &[u8] = b"fused_infonce_emulated_device\0";
 
 /// Which driver a process ends up with.
@@ -33,6 +34,17 @@ static LOADED: Mutex<Option<Driver>> = Mutex::new(None);
 
 /// Which `libcuda` the usual library names resolve to now: `Some(true)` the emulated device,
 /// `Some(false)` a real driver, `None` none.
+///
+/// With the `candle-cuda` feature (cudarc's `dynamic-linking`) the process is linked against the
+/// real `libcuda`: the emulated device cannot be swapped in, and this answers `Some(false)`.
+#[cfg(feature = "candle-cuda")]
+fn reachable_driver() -> Option<bool> {
+    Some(false)
+}
+
+/// Which `libcuda` the usual library names resolve to now: `Some(true)` the emulated device,
+/// `Some(false)` a real driver, `None` none.
+#[cfg(not(feature = "candle-cuda"))]
 fn reachable_driver() -> Option<bool> {
     for name in cudarc::get_lib_name_candidates("cuda") {
         // SAFETY: loading the driver library runs no code of ours; it is unloaded on drop.
