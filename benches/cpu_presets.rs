@@ -22,7 +22,7 @@ fn selected() -> Vec<Preset> {
     let only = std::env::var("CPU_PRESETS_ONLY").ok();
     CPU_PRESETS
         .iter()
-        .filter(|p| only.as_deref().map_or(true, |o| o == p.name))
+        .filter(|p| only.as_deref().is_none_or(|o| o == p.name))
         .copied()
         .collect()
 }

@@ -57,7 +57,7 @@ fn parity<T: Element + DeviceElement>(
     opts: &DeviceOptions,
 ) {
     let mode = spec.mode();
-    let data = Data::<T>::new(mode, dims, seed, seed % 2 == 0, rows::<T>);
+    let data = Data::<T>::new(mode, dims, seed, seed.is_multiple_of(2), rows::<T>);
     let inputs = data.inputs(mode);
     let up = upstream(spec, loss_count(mode, dims), seed + 1);
     let what = format!("{} {:?} {dims:?} {spec:?} {opts:?}", T::DTYPE, mode);

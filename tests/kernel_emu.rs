@@ -227,7 +227,7 @@ fn write_cases(dir: &Path, dt: &str) -> Vec<PathBuf> {
                     let mut rng = StdRng::seed_from_u64(1000 + idx);
                     let data = draw(&mut rng, mode, n, k, d, dt);
                     let targets: Option<Vec<i64>> = (mode == Mode::Cross
-                        && (idx % 2 == 0 || k < n))
+                        && (idx.is_multiple_of(2) || k < n))
                         .then(|| (0..n).map(|_| rng.random_range(0..k as i64)).collect());
                     let inputs = case_inputs(mode, &data, n, k, d, targets.as_deref());
                     let (up, count) = upstream(&mut rng, mode, n, r);
@@ -454,8 +454,9 @@ fn write_v1_cases(dir: &Path) -> (Vec<PathBuf>, usize) {
                                 .unwrap();
                             let mut rng = StdRng::seed_from_u64(idx);
                             let data = draw(&mut rng, mode, n, k, d, "f32");
-                            let targets: Option<Vec<i64>> = (mode == Mode::Cross && idx % 2 == 0)
-                                .then(|| (0..n).map(|_| rng.random_range(0..k as i64)).collect());
+                            let targets: Option<Vec<i64>> = (mode == Mode::Cross
+                                && idx.is_multiple_of(2))
+                            .then(|| (0..n).map(|_| rng.random_range(0..k as i64)).collect());
                             let inputs = case_inputs(mode, &data, n, k, d, targets.as_deref());
                             let (up, count) = upstream(&mut rng, mode, n, r);
                             // Combinations the reference refuses (e.g. decoupled with one

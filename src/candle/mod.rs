@@ -473,7 +473,7 @@ impl Lazy {
             .flatten_all()?
             .to_vec1::<f64>()?;
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.as_ref().map_or(true, |(seen, _)| *seen != w) {
+        if cache.as_ref().is_none_or(|(seen, _)| *seen != w) {
             let out = evaluate(&self.call, &Upstream::PerAnchor(w.clone()), true)?;
             *cache = Some((w, out));
         }

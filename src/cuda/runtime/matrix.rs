@@ -95,7 +95,7 @@ impl<T: DeviceElement> DeviceMatrix<T> {
                 "a borrowed [{rows}, {cols}] matrix at a null device pointer"
             )));
         }
-        if ptr % std::mem::align_of::<T>() as u64 != 0 {
+        if !ptr.is_multiple_of(std::mem::align_of::<T>() as u64) {
             return Err(Error::Input(format!(
                 "a borrowed [{rows}, {cols}] matrix at {ptr:#x}: not aligned for {}",
                 T::DTYPE
