@@ -196,6 +196,9 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let dev = match args.device.as_str() {
         "cpu" => Device::Cpu,
+        "cuda" if !cfg!(feature = "candle-cuda") => candle_core::bail!(
+            "--device cuda: this example was built without CUDA; build it with --features candle-cuda"
+        ),
         "cuda" => Device::new_cuda(0)?,
         other => candle_core::bail!("--device {other}: expected cpu or cuda"),
     };
