@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use candle_core::cuda_backend::{CudaDType, CudaDevice};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, DeviceId};
 use candle_core::{CudaStorage, DType, Layout, Shape, Storage, Tensor};
 use cudarc::driver::{CudaSlice, DevicePtr};
 
@@ -16,11 +16,14 @@ use crate::cuda::{
 use crate::error::Error;
 use crate::loss::Upstream;
 
-/// The [`Gpu`] over candle's stream of `dev`, kept per stream so the kernel modules load once.
+/// The [`Gpu`] over candle's stream of `dev`, kept per candle device and stream so the kernel
+/// modules load once. candle's [`DeviceId`] is unique per device created, so a stream address
+/// reused by a later device (after the first was dropped) cannot find the old context's entry.
 fn gpu_of(dev: &CudaDevice) -> candle_core::Result<Arc<Gpu>> {
-    static GPUS: Mutex<Option<HashMap<usize, Arc<Gpu>>>> = Mutex::new(None);
+    type Key = (DeviceId, usize);
+    static GPUS: Mutex<Option<HashMap<Key, Arc<Gpu>>>> = Mutex::new(None);
     let stream = dev.cuda_stream();
-    let key = stream.cu_stream() as usize;
+    let key = (dev.id(), stream.cu_stream() as usize);
     let mut map = GPUS.lock().unwrap_or_else(|p| p.into_inner());
     let map = map.get_or_insert_with(HashMap::new);
     if let Some(g) = map.get(&key) {
