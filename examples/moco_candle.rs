@@ -342,6 +342,8 @@ fn clip(args: &Args, dev: &Device, set: &Dataset, x_eval: &Tensor, rng: &mut Std
         .normalize(true)
         .build()
         .map_err(candle_core::Error::wrap)?;
+    // Built once: τ = exp(log τ) is read from the Var at every call.
+    let op = InfoNce::new(spec.clone()).with_log_temperature(&log_tau)?;
 
     let mut step = 0;
     let mut epoch = 0;
@@ -359,8 +361,7 @@ fn clip(args: &Args, dev: &Device, set: &Dataset, x_eval: &Tensor, rng: &mut Std
                 total += op.symmetric(&a, &b)?.to_scalar::<f32>()? as f64;
                 continue;
             }
-            // τ = exp(log τ): candle carries dL/dτ from the op on to log τ.
-            let op = InfoNce::new(spec.clone()).with_temperature(&log_tau.exp()?)?;
+            // τ = exp(log τ), read at every call: candle carries dL/dτ on to log τ.
             let loss = op.symmetric(&enc_a.forward(&xa)?, &enc_b.forward(&xb)?)?;
             total += loss.to_scalar::<f32>()? as f64;
             opt.backward_step(&loss)?;

@@ -18,9 +18,14 @@ use fused_infonce::candle::{InfoNce, Queue};
 use fused_infonce::{LossSpec, Mode, Reduction};
 use support::{rel_l2_floor, unit_rows};
 
+/// candle's CUDA device 0, or `None` (the test prints `skipped: no CUDA device`) where none can
+/// be created; with `FUSED_INFONCE_REQUIRE_GPU=1` (a GPU machine) that is a failure instead.
 fn cuda() -> Option<Device> {
     match Device::new_cuda(0) {
         Ok(d) => Some(d),
+        Err(e) if std::env::var("FUSED_INFONCE_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
+            panic!("FUSED_INFONCE_REQUIRE_GPU=1 but candle's CUDA device 0 fails: {e}")
+        }
         Err(e) => {
             eprintln!("skipped: no CUDA device ({e})");
             None

@@ -133,11 +133,10 @@ fn check(c: &Case, spec: &LossSpec, tau: Tau, dtype: DType, seed: u64, tol: f64)
     };
     let mut op = InfoNce::new(spec.clone());
     if let Some(v) = &tau_var {
-        let t = match tau {
-            Tau::Log => v.exp().unwrap(),
-            _ => v.as_tensor().clone(),
+        op = match tau {
+            Tau::Log => op.with_log_temperature(v.as_tensor()).unwrap(),
+            _ => op.with_temperature(v.as_tensor()).unwrap(),
         };
-        op = op.with_temperature(&t).unwrap();
     }
     let targets = c
         .targets
@@ -332,6 +331,18 @@ fn queue_type_partial_and_wrapped() {
         wrapped.oldest_first().unwrap().to_vec2::<f32>().unwrap(),
         all.narrow(0, 2, 7).unwrap().to_vec2::<f32>().unwrap()
     );
+    // A copy is independent: the original's enqueues do not reach it.
+    let mut scratch = wrapped.copy().unwrap();
+    let before = wrapped.oldest_first().unwrap().to_vec2::<f32>().unwrap();
+    scratch.enqueue(&batch(30, 2)).unwrap();
+    assert_eq!(
+        wrapped.oldest_first().unwrap().to_vec2::<f32>().unwrap(),
+        before
+    );
+    assert_ne!(
+        scratch.oldest_first().unwrap().to_vec2::<f32>().unwrap(),
+        before
+    );
 
     let s = spec(Mode::Queue, Tau::Var, Reduction::Mean, true, false);
     for q in [&partial, &wrapped] {
@@ -502,10 +513,11 @@ fn training_steps_lower_the_loss() {
     .unwrap();
     let spec = LossSpec::symmetric().normalize(true).build().unwrap();
     let mut losses = Vec::new();
+    // One op for every step: τ = exp(log τ) must be read from the Var at each call.
+    let op = InfoNce::new(spec.clone())
+        .with_log_temperature(&log_tau)
+        .unwrap();
     for _ in 0..20 {
-        let op = InfoNce::new(spec.clone())
-            .with_temperature(&log_tau.exp().unwrap())
-            .unwrap();
         let loss = op
             .symmetric(&enc.forward(&xa).unwrap(), &enc.forward(&xb).unwrap())
             .unwrap();
@@ -516,4 +528,21 @@ fn training_steps_lower_the_loss() {
     assert!(last < 0.8 * first, "the loss did not fall: {losses:?}");
     let tau = log_tau.exp().unwrap().to_scalar::<f32>().unwrap();
     assert!((tau - 0.5).abs() > 1e-3, "τ did not move: {tau}");
+    // The reused op evaluates with the trained τ, as an op built now with that value does.
+    let (a, b) = (
+        enc.forward(&xa).unwrap().detach(),
+        enc.forward(&xb).unwrap().detach(),
+    );
+    let reused = op.symmetric(&a, &b).unwrap().to_scalar::<f32>().unwrap();
+    let now = InfoNce::new(spec)
+        .with_temperature(&Tensor::new(tau, &dev).unwrap())
+        .unwrap()
+        .symmetric(&a, &b)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        (reused - now).abs() <= 1e-5 * now.abs(),
+        "the op built before training used a stale τ: {reused} vs {now} (τ = {tau})"
+    );
 }

@@ -121,7 +121,16 @@ fn typed<T: DeviceElement + CudaDType>(
 
     let wrap_f32 = |slice: CudaSlice<f32>, shape: Shape| -> candle_core::Result<Tensor> {
         let n = shape.elem_count();
-        let slice = if slice.len() == n {
+        if slice.len() < n {
+            return Err(wrap(Error::Input(format!(
+                "the kernels returned {} values for a result of shape {shape:?}",
+                slice.len()
+            ))));
+        }
+        // A longer buffer (an empty gradient's one placeholder element) is trimmed by a copy,
+        // except to nothing: the driver refuses a zero-byte allocation, and candle reads only
+        // the shape's elements.
+        let slice = if slice.len() == n || n == 0 {
             slice
         } else {
             stream.clone_dtod(&slice.slice(..n)).map_err(wrap_driver)?
@@ -132,7 +141,7 @@ fn typed<T: DeviceElement + CudaDType>(
         ))
     };
     let loss_shape: Shape = match call.spec.reduction() {
-        crate::Reduction::None => Shape::from(out.loss.len().min(loss_count(call)?)),
+        crate::Reduction::None => Shape::from(loss_count(call)?),
         _ => Shape::from(()),
     };
     let loss = wrap_f32(out.loss, loss_shape)?;

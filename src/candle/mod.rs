@@ -2,7 +2,7 @@
 //! engine that holds candle tensors calls [`InfoNce::queue`], [`InfoNce::inbatch`],
 //! [`InfoNce::cross`] or [`InfoNce::symmetric`] and gets the loss as a candle [`Tensor`] that
 //! backpropagates (candle's `backward`) into every input and into a learnable temperature held as a
-//! candle tensor (a [`candle_core::Var`], or any tensor computed from one, e.g. `log_tau.exp()`).
+//! candle tensor (a [`candle_core::Var`] holding τ, or `ln τ` with [`InfoNce::with_log_temperature`]).
 //!
 //! ```
 //! use candle_core::{Device, Tensor, Var};
@@ -29,8 +29,9 @@
 //!   each input's `CudaSlice` is borrowed in place ([`crate::cuda::DeviceMatrix::borrowed`], the
 //!   same borrowed-matrix path as the raw-pointer entry point [`crate::cuda::raw::evaluate_raw`]),
 //!   the results are wrapped as candle tensors without a copy, in f32, f16 or bf16; gradients stay
-//!   on the device. The per-stream [`crate::cuda::Gpu`] (and its loaded kernel modules) is kept
-//!   for the life of the process.
+//!   on the device. The [`crate::cuda::Gpu`] of each candle device and stream (with its loaded
+//!   kernel modules) is kept for the life of the process: a program that creates many candle CUDA
+//!   devices keeps each one's context alive.
 //!
 //! The loss is always an f32 tensor: a 0-d scalar for reductions `mean` and `sum`, and for
 //! `none` a vector of the per-anchor losses (N; inbatch 2N; symmetric the N row losses then the N
@@ -57,15 +58,24 @@
 //! [`Upstream::PerAnchor`] (the upstream read back to the host) and every attach op of the loss
 //! shares its result. The kernels' backward recomputes the similarities from the LSE anyway, so
 //! this costs one forward sweep more than `mean`; keeping the LSE in the op would save only the
-//! LSE pass and need a second entry point per path.
+//! LSE pass and need a second entry point per path. The recomputation reads the inputs as they
+//! are when the backward runs: write nothing in place into an input of a `none` loss (a
+//! [`Queue::enqueue`], an optimiser step on a `Var` given directly to the loss) between its forward
+//! and its backward. `mean` and `sum` losses, whose gradients are computed in the forward, do not
+//! have this constraint.
 //!
 //! # Temperature
-//! [`InfoNce::with_temperature`] takes a candle tensor of one element (a `Var`, or e.g.
-//! `log_tau.exp()`): each call reads its value (on CUDA a 4-byte device-to-host copy, because the
-//! kernels take τ as a launch argument) and evaluates the spec with a learnable temperature of that
-//! value; the tensor receives `dL/dτ = −(1/τ) Σ (∂L/∂z) z` (`spec/losses.md`). Without it, the
-//! spec's own temperature is used as it is (fixed, learnable without a tensor to update, or
-//! DySTreSS).
+//! [`InfoNce::with_temperature`] takes a candle tensor of one element, typically a `Var` holding τ;
+//! [`InfoNce::with_log_temperature`] a `Var` holding `ln τ` (τ = `exp` of it, always positive, the
+//! parametrisation CLIP trains). Each call reads τ (on CUDA a 4-byte device-to-host copy, because
+//! the kernels take τ as a launch argument) and evaluates the spec with a learnable temperature of
+//! that value; `dL/dτ = −(1/τ) Σ (∂L/∂z) z` (`spec/losses.md`) flows into the tensor, and through
+//! candle's `exp` into the log-temperature. The optimiser updates a `Var` in place, so an op built
+//! once sees each step's value. A tensor *computed* from a `Var` (`log_tau.exp()?`) is a value
+//! fixed when it was computed: given to `with_temperature` it would be used at every call while
+//! the optimiser moved the `Var` behind it, so such an op must be rebuilt every step; use
+//! `with_log_temperature` instead. Without a temperature tensor, the spec's own temperature is used
+//! as it is (fixed, learnable without a tensor to update, or DySTreSS).
 //!
 //! # Gradients of the queue
 //! MoCo detaches the queue: its gradient is computed only when the spec asks
@@ -98,11 +108,30 @@ pub(crate) fn wrap(e: Error) -> candle_core::Error {
 }
 
 /// The contrastive loss of a [`LossSpec`] as a candle op, with an optional learnable temperature
-/// tensor. Cheap to clone; build it once and call it every step.
+/// (a `Var` holding τ or `ln τ`). Cheap to clone; build it once and call it every step.
 #[derive(Debug, Clone)]
 pub struct InfoNce {
     spec: LossSpec,
-    temperature: Option<Tensor>,
+    temperature: Option<Tau>,
+}
+
+/// Where a call's τ comes from.
+#[derive(Debug, Clone)]
+enum Tau {
+    /// This tensor's value.
+    Value(Tensor),
+    /// `exp` of this tensor's value, recomputed at every call.
+    Log(Tensor),
+}
+
+impl Tau {
+    /// τ as a tensor of this call (a new `exp` node for [`Tau::Log`]).
+    fn tensor(&self) -> candle_core::Result<Tensor> {
+        match self {
+            Tau::Value(t) => Ok(t.clone()),
+            Tau::Log(t) => t.exp(),
+        }
+    }
 }
 
 impl InfoNce {
@@ -116,8 +145,24 @@ impl InfoNce {
 
     /// Takes τ from `tau` (one element, any float dtype, on the inputs' device) at every call, and
     /// backpropagates `dL/dτ` into it. The spec's temperature must be fixed or learnable (its value
-    /// is then ignored); DySTreSS has no single τ and is an error.
-    pub fn with_temperature(mut self, tau: &Tensor) -> candle_core::Result<Self> {
+    /// is then ignored); DySTreSS has no single τ and is an error. `tau` is read at each call: a
+    /// `Var` the optimiser updates in place is the intended argument; a tensor computed from one
+    /// is fixed (module docs, *Temperature*): for `exp(ln τ)` use [`Self::with_log_temperature`].
+    pub fn with_temperature(self, tau: &Tensor) -> candle_core::Result<Self> {
+        self.with_tau(Tau::Value(tau.clone()))
+    }
+
+    /// Takes τ = `exp(log_tau)` at every call (`log_tau` one element, e.g. a `Var` holding `ln τ`,
+    /// which keeps τ positive whatever the optimiser does), and backpropagates into `log_tau`
+    /// (`dL/d ln τ = τ · dL/dτ`). The same conditions as [`Self::with_temperature`].
+    pub fn with_log_temperature(self, log_tau: &Tensor) -> candle_core::Result<Self> {
+        self.with_tau(Tau::Log(log_tau.clone()))
+    }
+
+    fn with_tau(mut self, t: Tau) -> candle_core::Result<Self> {
+        let tau = match &t {
+            Tau::Value(x) | Tau::Log(x) => x,
+        };
         if let Temperature::Dystress { .. } = self.spec.temperature() {
             return Err(wrap(Error::parameter(
                 "temperature",
@@ -133,7 +178,7 @@ impl InfoNce {
                 "one element (a 0-d tensor or [1])",
             )));
         }
-        self.temperature = Some(tau.clone());
+        self.temperature = Some(t);
         Ok(self)
     }
 
@@ -142,9 +187,11 @@ impl InfoNce {
         &self.spec
     }
 
-    /// The temperature tensor, if one was given.
+    /// The temperature tensor given, if any (τ, or `ln τ` for [`Self::with_log_temperature`]).
     pub fn temperature(&self) -> Option<&Tensor> {
-        self.temperature.as_ref()
+        self.temperature.as_ref().map(|t| match t {
+            Tau::Value(x) | Tau::Log(x) => x,
+        })
     }
 
     /// MoCo's queue loss: `query` Q (N×D), `positive` P (N×D), the negatives `queue` M (K×D,
@@ -225,7 +272,8 @@ impl InfoNce {
             }
         }
         // The spec of this call: τ from the temperature tensor, if any.
-        let spec = match &self.temperature {
+        let tau = self.temperature.as_ref().map(Tau::tensor).transpose()?;
+        let spec = match &tau {
             Some(tau) => {
                 if !tau.device().same_device(&device) {
                     return Err(wrap(Error::Input(format!(
@@ -283,7 +331,7 @@ impl InfoNce {
             .iter()
             .map(|(name, t)| t.track_op() && (*name != "queue" || call.spec.grad_queue()))
             .collect();
-        let tau_tracked = self.temperature.as_ref().is_some_and(Tensor::track_op);
+        let tau_tracked = tau.as_ref().is_some_and(Tensor::track_op);
         let any = tracked.iter().any(|&b| b) || tau_tracked;
         let eager = call.spec.reduction() != Reduction::None;
         let out = evaluate(&call, &Upstream::One, any && eager)?;
@@ -312,7 +360,7 @@ impl InfoNce {
                 loss = loss.apply_op2(t, Attach { grad: g })?;
             }
         }
-        if let (true, Some(tau)) = (tau_tracked, &self.temperature) {
+        if let (true, Some(tau)) = (tau_tracked, &tau) {
             let g = grad(given.len(), out.grad_temperature.as_ref())?;
             loss = loss.apply_op2(tau, Attach { grad: g })?;
         }

@@ -30,7 +30,10 @@ use crate::queue::enqueue_plan;
 /// # Ok(())
 /// # }
 /// ```
-#[derive(Debug, Clone)]
+///
+/// Not `Clone`: a clone would share candle's storage and see the other's enqueues overwrite its
+/// rows; [`Queue::copy`] makes an independent copy.
+#[derive(Debug)]
 pub struct Queue {
     ring: Tensor,
     start: usize,
@@ -38,6 +41,15 @@ pub struct Queue {
 }
 
 impl Queue {
+    /// An independent copy of the queue (its ring copied on its device).
+    pub fn copy(&self) -> candle_core::Result<Queue> {
+        Ok(Queue {
+            ring: self.ring.copy()?,
+            start: self.start,
+            len: self.len,
+        })
+    }
+
     /// An empty queue of `capacity` rows of dimension `dim` (zero-filled storage).
     pub fn new(
         capacity: usize,
