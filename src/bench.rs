@@ -35,38 +35,52 @@ pub struct TorchTiming {
 }
 
 /// Parses `bench/torch_reference.py`'s output (named `source` in messages). A row that is not
-/// an object with a string `preset` and numbers or nulls for the timings, a negative or
-/// non-finite timing, or a preset given twice is an error naming the row: a malformed file is
-/// reported, not silently merged in part.
+/// an object with a string `preset` and numbers or nulls for the timings, a timing that is not a
+/// positive finite number, or a preset given twice is an error naming the row: a malformed file
+/// is reported, not silently merged in part.
 pub fn parse_torch_timings(text: &str, source: &str) -> Result<Vec<TorchTiming>> {
+    parse_timings(text, source, |t: &TorchTiming| {
+        (
+            &t.preset,
+            vec![
+                ("torch_ms", t.torch_ms),
+                ("torch_compile_ms", t.torch_compile_ms),
+            ],
+        )
+    })
+}
+
+/// The rows of a timing file (a JSON array of `T`), each checked: `fields` gives a row's preset
+/// and its timings (`None`: not measured), each of which must be a positive finite number; a
+/// preset may appear once.
+fn parse_timings<T: serde::de::DeserializeOwned>(
+    text: &str,
+    source: &str,
+    fields: impl Fn(&T) -> (&String, Vec<(&'static str, Option<f64>)>),
+) -> Result<Vec<T>> {
+    let bad = |what: String| Error::Input(format!("{source}: {what}"));
     let v: serde_json::Value = serde_json::from_str(text)
-        .map_err(|e| Error::Input(format!("{source}: not JSON ({e})")))?;
+        .map_err(|e| bad(format!("not a JSON array of rows (not JSON: {e})")))?;
     let rows = v
         .as_array()
-        .ok_or_else(|| Error::Input(format!("{source}: expected a JSON array of rows")))?;
-    let mut out: Vec<TorchTiming> = Vec::with_capacity(rows.len());
+        .ok_or_else(|| bad("not a JSON array of rows".into()))?;
+    let mut out: Vec<T> = Vec::with_capacity(rows.len());
+    let mut seen: Vec<String> = Vec::with_capacity(rows.len());
     for (i, row) in rows.iter().enumerate() {
-        let t: TorchTiming = serde_json::from_value(row.clone())
-            .map_err(|e| Error::Input(format!("{source}: row {i} ({row}): {e}")))?;
-        for (name, ms) in [
-            ("torch_ms", t.torch_ms),
-            ("torch_compile_ms", t.torch_compile_ms),
-        ] {
-            if let Some(x) = ms {
-                if !(x.is_finite() && x >= 0.0) {
-                    return Err(Error::Input(format!(
-                        "{source}: row {i} (preset {}): {name} = {x} is not a time",
-                        t.preset
-                    )));
-                }
+        let t: T = serde_json::from_value(row.clone())
+            .map_err(|e| bad(format!("row {i} ({row}): {e}")))?;
+        let (preset, times) = fields(&t);
+        for (name, ms) in times {
+            if let Some(x) = ms.filter(|x| !(x.is_finite() && *x > 0.0)) {
+                return Err(bad(format!(
+                    "row {i} (preset {preset}): {name} = {x} is not a time"
+                )));
             }
         }
-        if out.iter().any(|o| o.preset == t.preset) {
-            return Err(Error::Input(format!(
-                "{source}: row {i}: preset {} appears twice",
-                t.preset
-            )));
+        if seen.contains(preset) {
+            return Err(bad(format!("row {i}: preset {preset} appears twice")));
         }
+        seen.push(preset.clone());
         out.push(t);
     }
     Ok(out)
@@ -94,27 +108,15 @@ pub struct NumpyTiming {
 /// Parses `bench/numpy_reference.py`'s output (named `source` in messages); a malformed row, a
 /// timing that is not a positive finite number or a preset given twice is an error naming it.
 pub fn parse_numpy_timings(text: &str, source: &str) -> Result<Vec<NumpyTiming>> {
-    let rows: Vec<serde_json::Value> = serde_json::from_str(text)
-        .map_err(|e| Error::Input(format!("{source}: not a JSON array of rows ({e})")))?;
-    let mut out: Vec<NumpyTiming> = Vec::with_capacity(rows.len());
-    for (i, row) in rows.iter().enumerate() {
-        let t: NumpyTiming = serde_json::from_value(row.clone())
-            .map_err(|e| Error::Input(format!("{source}: row {i} ({row}): {e}")))?;
-        if !(t.numpy_ms.is_finite() && t.numpy_ms > 0.0) {
-            return Err(Error::Input(format!(
-                "{source}: row {i} (preset {}): numpy_ms = {} is not a time",
-                t.preset, t.numpy_ms
-            )));
-        }
-        if out.iter().any(|o| o.preset == t.preset) {
-            return Err(Error::Input(format!(
-                "{source}: row {i}: preset {} appears twice",
-                t.preset
-            )));
-        }
-        out.push(t);
-    }
-    Ok(out)
+    parse_timings(text, source, |t: &NumpyTiming| {
+        (
+            &t.preset,
+            vec![
+                ("numpy_ms", Some(t.numpy_ms)),
+                ("numpy_min_ms", t.numpy_min_ms),
+            ],
+        )
+    })
 }
 
 /// Repetitions below which a median is not reported as a benchmark figure.
