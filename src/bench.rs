@@ -478,6 +478,17 @@ fn commit() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
+/// `‖got − want‖ / ‖want‖`; infinite where the lengths differ or `got` is not finite (a wrong
+/// result is never a small error).
+pub fn rel_l2(got: &[f64], want: &[f64]) -> f64 {
+    if got.len() != want.len() || got.iter().any(|x| !x.is_finite()) {
+        return f64::INFINITY;
+    }
+    let num: f64 = got.iter().zip(want).map(|(a, b)| (a - b) * (a - b)).sum();
+    let den: f64 = want.iter().map(|b| b * b).sum();
+    (num / den.max(1e-300)).sqrt()
+}
+
 /// `rows × d` random rows of unit L2 norm, seeded (never zeros), rounded to `T`.
 pub fn unit_rows<T: Element>(seed: u64, rows: usize, d: usize) -> Vec<T> {
     let mut rng = StdRng::seed_from_u64(seed);

@@ -154,25 +154,7 @@ impl<'a, T: Element> LossInputs<'a, T> {
             targets: Some(t), ..
         } = *self
         {
-            let (n, m) = (s.anchors, s.keys);
-            if t.len() != n {
-                return Err(Error::shape(
-                    "targets",
-                    format!("[{}]", t.len()),
-                    format!("[{n}] (one target per query row)"),
-                ));
-            }
-            if let Some((i, &y)) = t
-                .iter()
-                .enumerate()
-                .find(|(_, &y)| y < 0 || y as usize >= m)
-            {
-                return Err(Error::parameter(
-                    format!("targets[{i}]"),
-                    y,
-                    format!("must be in [0, {m}) (key has {m} rows)"),
-                ));
-            }
+            check_targets(t, s.anchors, s.keys)?;
         }
         Ok(s)
     }
@@ -234,6 +216,29 @@ impl ProblemDims {
             ProblemDims::Symmetric { .. } => Mode::Symmetric,
         }
     }
+}
+
+/// Cross mode's `targets` against N queries and M keys: one per query, each in `[0, M)`.
+pub(crate) fn check_targets(t: &[i64], n: usize, m: usize) -> Result<()> {
+    if t.len() != n {
+        return Err(Error::shape(
+            "targets",
+            format!("[{}]", t.len()),
+            format!("[{n}] (one target per query row)"),
+        ));
+    }
+    if let Some((i, &y)) = t
+        .iter()
+        .enumerate()
+        .find(|(_, &y)| y < 0 || y as usize >= m)
+    {
+        return Err(Error::parameter(
+            format!("targets[{i}]"),
+            y,
+            format!("must be in [0, {m}) (key has {m} rows)"),
+        ));
+    }
+    Ok(())
 }
 
 /// The crate's one shape check (both backends call it before any work): the inputs' sizes

@@ -15,6 +15,7 @@ use fused_infonce::{
 };
 use safetensors::{Dtype, SafeTensors};
 use std::path::PathBuf;
+use support::rel_l2;
 
 fn golden_dir() -> PathBuf {
     // A vendored copy of `../shared/testdata/golden` lives in tests/data/golden so a bare checkout
@@ -211,16 +212,6 @@ fn evaluate<T: Element>(
         .expect("inputs");
     eval(&case.spec, &inputs, &case.upstream)
         .unwrap_or_else(|e| panic!("{}: evaluate: {e}", case.file))
-}
-
-fn rel_l2(got: &[f64], want: &[f64]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    if got.iter().any(|x| !x.is_finite()) {
-        return f64::INFINITY;
-    }
-    let num: f64 = got.iter().zip(want).map(|(a, b)| (a - b).powi(2)).sum();
-    let den: f64 = want.iter().map(|b| b * b).sum();
-    (num / den.max(1e-300)).sqrt()
 }
 
 /// Checks `out` against the case within `tol` (relative L2 per output; the loss and dτ too).

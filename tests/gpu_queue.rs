@@ -27,14 +27,9 @@ fn upload(gpu: &Gpu, v: &[f32], r: usize, d: usize) -> DeviceMatrix<f32> {
     DeviceMatrix::upload(gpu, &MatRef::new("x", v, r, d).unwrap()).unwrap()
 }
 
+/// Relative L2 with ‖want‖ floored at 1e-6.
 fn rel_l2(got: &[f64], want: &[f64]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    if got.iter().any(|x| !x.is_finite()) {
-        return f64::INFINITY;
-    }
-    let num: f64 = got.iter().zip(want).map(|(a, b)| (a - b) * (a - b)).sum();
-    let den: f64 = want.iter().map(|b| b * b).sum();
-    num.sqrt() / den.sqrt().max(1e-6)
+    support::rel_l2_floor(got, want, 1e-6)
 }
 
 #[test]

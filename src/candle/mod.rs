@@ -98,7 +98,7 @@ use candle_core::op::BackpropOp;
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Shape, Storage, Tensor};
 
 use crate::error::Error;
-use crate::loss::{LossInputs, LossOutput, Upstream};
+use crate::loss::{check_targets, LossInputs, LossOutput, Upstream};
 use crate::spec::{LossSpec, Mode, Reduction, Temperature};
 use crate::tensor::{Element, MatRef};
 
@@ -311,7 +311,8 @@ impl InfoNce {
                     ))));
                 }
                 let t = t.to_dtype(DType::I64)?.to_vec1::<i64>()?;
-                check_targets(&t, given[0].1.dims()[0], given[1].1.dims()[0])?;
+                // On the host for every device: the device path does not check targets.
+                check_targets(&t, given[0].1.dims()[0], given[1].1.dims()[0]).map_err(wrap)?;
                 Some(t)
             }
             None => None,
@@ -366,30 +367,6 @@ impl InfoNce {
         }
         Ok(loss)
     }
-}
-
-/// The cross targets against N queries and M keys, on the host (the device path does not check
-/// them, so a CUDA call checks them here, with [`LossInputs::validate`]'s messages).
-fn check_targets(t: &[i64], n: usize, m: usize) -> candle_core::Result<()> {
-    if t.len() != n {
-        return Err(wrap(Error::shape(
-            "targets",
-            format!("[{}]", t.len()),
-            format!("[{n}] (one target per query row)"),
-        )));
-    }
-    if let Some((i, &y)) = t
-        .iter()
-        .enumerate()
-        .find(|(_, &y)| y < 0 || y as usize >= m)
-    {
-        return Err(wrap(Error::parameter(
-            format!("targets[{i}]"),
-            y,
-            format!("must be in [0, {m}) (key has {m} rows)"),
-        )));
-    }
-    Ok(())
 }
 
 /// One evaluation's inputs, kept by a `none`-reduction loss for its backward.

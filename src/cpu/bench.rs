@@ -10,12 +10,10 @@
 
 use std::time::Instant;
 
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use super::pair::chunks;
-use crate::bench::Preset;
+use crate::bench::{rel_l2, unit_rows, Preset};
 use crate::error::{Error, Result};
 use crate::loss::{LossInputs, LossOutput, Upstream};
 use crate::spec::Mode;
@@ -104,18 +102,6 @@ impl Preset {
             _ => logits + (self.anchors + self.keys) * self.dim * f,
         }
     }
-}
-
-/// Random unit rows (seeded), f32.
-pub fn unit_rows(seed: u64, rows: usize, d: usize) -> Vec<f32> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut out = Vec::with_capacity(rows * d);
-    for _ in 0..rows {
-        let r: Vec<f64> = (0..d).map(|_| rng.random_range(-1.0..1.0)).collect();
-        let n = r.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12);
-        out.extend(r.iter().map(|x| (x / n) as f32));
-    }
-    out
 }
 
 /// A preset's inputs, owned.
@@ -216,22 +202,15 @@ pub struct BenchRow {
     pub max_rel_err: f64,
 }
 
-/// Relative L2 distance of two outputs' every part (loss, lse, gradients, dτ), the largest.
+/// Relative L2 distance of two outputs' every part (loss, lse, gradients, dτ), the largest
+/// ([`crate::bench::rel_l2`]).
 pub fn max_rel_l2(a: &LossOutput, b: &LossOutput) -> f64 {
-    let rel = |x: &[f64], y: &[f64]| -> f64 {
-        if x.len() != y.len() || x.iter().any(|v| !v.is_finite()) {
-            return f64::INFINITY;
-        }
-        let num: f64 = x.iter().zip(y).map(|(p, q)| (p - q) * (p - q)).sum();
-        let den: f64 = y.iter().map(|q| q * q).sum();
-        num.sqrt() / den.sqrt().max(1e-30)
-    };
-    let mut worst = rel(&a.loss.values(), &b.loss.values()).max(rel(&a.lse, &b.lse));
+    let mut worst = rel_l2(&a.loss.values(), &b.loss.values()).max(rel_l2(&a.lse, &b.lse));
     for (g, h) in a.grads.iter().zip(&b.grads) {
-        worst = worst.max(rel(&g.value.data, &h.value.data));
+        worst = worst.max(rel_l2(&g.value.data, &h.value.data));
     }
     if let (Some(x), Some(y)) = (a.grad_temperature, b.grad_temperature) {
-        worst = worst.max(rel(&[x], &[y]));
+        worst = worst.max(rel_l2(&[x], &[y]));
     }
     worst
 }

@@ -13,8 +13,6 @@ use fused_infonce::cuda::{
 use fused_infonce::{
     Element, LossInputs, LossOutput, LossSpec, MatRef, Temperature, Upstream, Variant,
 };
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 
 /// Device 0 for the GPU test `what`: the GPU when a real driver is present, else the emulated CUDA
 /// device (tools/emulated-cuda), loaded from `FUSED_INFONCE_EMULATED_CUDA` or built by
@@ -77,17 +75,8 @@ fn build_emulated_device() -> Result<PathBuf, String> {
     Ok(PathBuf::from(dir))
 }
 
-/// `rows × d` random rows of unit L2 norm (rounded to `T`), seeded.
-pub fn unit_rows<T: Element>(seed: u64, rows: usize, d: usize) -> Vec<T> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut out = Vec::with_capacity(rows * d);
-    for _ in 0..rows {
-        let r: Vec<f64> = (0..d).map(|_| rng.random_range(-1.0..1.0)).collect();
-        let n = r.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12);
-        out.extend(r.iter().map(|x| T::from_f64(x / n)));
-    }
-    out
-}
+/// `rows × d` random rows of unit L2 norm (rounded to `T`), seeded: the benchmarks' own.
+pub use fused_infonce::bench::unit_rows;
 
 /// Uploads a host matrix.
 pub fn up<T: DeviceElement>(

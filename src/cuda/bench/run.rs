@@ -6,7 +6,7 @@
 //! is timed (its timings would mean nothing).
 
 use super::{measure_peaks, pool_peak, preset_fits, time_device, PresetInputs};
-use crate::bench::{HostCase, Peaks, Preset, Report, Row, Timing, TorchTiming};
+use crate::bench::{rel_l2, HostCase, Peaks, Preset, Report, Row, Timing, TorchTiming};
 use crate::cuda::op::{DeviceGrad, DeviceOptions, DeviceOutput};
 use crate::cuda::paths::tensor_core;
 use crate::cuda::paths::unfused::{scratch_bytes, Unfused};
@@ -274,15 +274,6 @@ fn eval(
         Which::Tc => tensor_core::evaluate(gpu, &spec, &inputs, &Upstream::One, &opts),
         Which::Unfused(u) => u.evaluate(gpu, &spec, &inputs, &Upstream::One, &opts),
     }
-}
-
-fn rel_l2(got: &[f64], want: &[f64]) -> f64 {
-    if got.len() != want.len() || got.iter().any(|x| !x.is_finite()) {
-        return f64::INFINITY;
-    }
-    let num: f64 = got.iter().zip(want).map(|(a, b)| (a - b) * (a - b)).sum();
-    let den: f64 = want.iter().map(|b| b * b).sum();
-    (num / den.max(1e-300)).sqrt()
 }
 
 /// The largest relative error of a device output against the reference (loss, gradients, dτ).
