@@ -253,6 +253,18 @@ fn view(set: &Matrix, idx: &[usize], rng: &mut StdRng, dev: &Device) -> Result<T
     )
 }
 
+/// candle's AdamW over `vars` at learning rate `lr`, without weight decay.
+fn adamw(vars: Vec<Var>, lr: f64) -> Result<candle_nn::AdamW> {
+    candle_nn::AdamW::new(
+        vars,
+        candle_nn::ParamsAdamW {
+            lr,
+            weight_decay: 0.0,
+            ..Default::default()
+        },
+    )
+}
+
 fn moco(args: &Args, dev: &Device, set: &Dataset, x_eval: &Tensor, rng: &mut StdRng) -> Result<()> {
     let d_in = SIGNAL + BACKGROUND;
     let vm_q = VarMap::new();
@@ -261,14 +273,7 @@ fn moco(args: &Args, dev: &Device, set: &Dataset, x_eval: &Tensor, rng: &mut Std
     let enc_k = Mlp::new(VarBuilder::from_varmap(&vm_k, DType::F32, dev), d_in)?;
     seed_weights(&vm_q, rng)?;
     momentum_update(&vm_k, &vm_q, 0.0)?;
-    let mut opt = candle_nn::AdamW::new(
-        vm_q.all_vars(),
-        candle_nn::ParamsAdamW {
-            lr: args.lr,
-            weight_decay: 0.0,
-            ..Default::default()
-        },
-    )?;
+    let mut opt = adamw(vm_q.all_vars(), args.lr)?;
     let spec = LossSpec::queue()
         .temperature(args.temperature)
         .normalize(true)
@@ -329,14 +334,7 @@ fn clip(args: &Args, dev: &Device, set: &Dataset, x_eval: &Tensor, rng: &mut Std
     let log_tau = Var::new(args.temperature.ln() as f32, dev)?;
     let mut vars = vm.all_vars();
     vars.push(log_tau.clone());
-    let mut opt = candle_nn::AdamW::new(
-        vars,
-        candle_nn::ParamsAdamW {
-            lr: args.lr,
-            weight_decay: 0.0,
-            ..Default::default()
-        },
-    )?;
+    let mut opt = adamw(vars, args.lr)?;
     let spec = LossSpec::symmetric()
         .learnable_temperature(args.temperature)
         .normalize(true)

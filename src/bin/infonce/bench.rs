@@ -143,6 +143,9 @@ impl Default for Args {
     }
 }
 
+/// The progress bar's look.
+const BAR: &str = "{spinner} bench [{bar:30}] {pos}/{len} {elapsed} {msg}";
+
 /// Runs `infonce bench`.
 pub fn run(args: &Args) -> Result<()> {
     // Timing files first: a malformed one is an error whichever backend runs.
@@ -154,43 +157,38 @@ pub fn run(args: &Args) -> Result<()> {
         Some(p) => Some(read_numpy(p)?),
         None => None,
     };
-    let backend = match args.backend {
-        Some(b) => b,
+    // The device, opened once: `--backend cuda` needs it, no `--backend` uses it when it opens.
+    let gpu = match args.backend {
+        Some(BenchBackend::Cpu) => None,
+        Some(BenchBackend::Cuda) => Some(Gpu::first()?),
         None => match Gpu::first() {
-            Ok(_) => BenchBackend::Cuda,
+            Ok(gpu) => Some(gpu),
             Err(e) => {
                 println!("bench: no usable GPU ({e}); benchmarking the CPU backends");
-                BenchBackend::Cpu
+                None
             }
         },
     };
-    let report = match backend {
-        BenchBackend::Cuda => {
+    let report = match gpu {
+        Some(gpu) => {
             let presets = args.preset.gpu_presets()?;
-            let gpu = Gpu::first()?;
             note_repeat(args.repeat, MIN_REPEAT);
             if numpy.is_some() {
                 println!("note: --numpy times the CPU presets; not merged into a GPU run");
             }
-            let bar = Bar::new(
-                "{spinner} bench [{bar:30}] {pos}/{len} {elapsed} {msg}",
-                1 + 5 * presets.len() as u64,
-            );
+            let bar = Bar::new(BAR, 1 + 5 * presets.len() as u64);
             let r = cuda::bench::run(&gpu, args.repeat, &presets, &torch, &bar);
             bar.finish();
             r?
         }
-        BenchBackend::Cpu => {
+        None => {
             let presets = args.preset.cpu_presets()?;
             note_repeat(args.repeat, CPU_MIN_REPEAT);
             if args.torch.is_some() {
                 println!("note: --torch times the GPU presets; not merged into a CPU run");
             }
             let numpy = numpy.unwrap_or_else(|| run_numpy(&presets, args.repeat));
-            let bar = Bar::new(
-                "{spinner} bench [{bar:30}] {pos}/{len} {elapsed} {msg}",
-                presets.len() as u64 + 3,
-            );
+            let bar = Bar::new(BAR, presets.len() as u64 + 3);
             let r = fused_infonce::cpu::bench::run(args.repeat, &presets, &numpy, &bar);
             bar.finish();
             r?
@@ -205,17 +203,14 @@ pub fn run_default() -> Result<()> {
     let args = Args::default();
     let report = match Gpu::first() {
         Ok(gpu) => {
-            let bar = Bar::new(
-                "{spinner} bench [{bar:30}] {pos}/{len} {elapsed} {msg}",
-                1 + 5 * PRESETS.len() as u64,
-            );
+            let bar = Bar::new(BAR, 1 + 5 * PRESETS.len() as u64);
             let r = cuda::bench::run(&gpu, args.repeat, &PRESETS, &[], &bar);
             bar.finish();
             r?
         }
         Err(e) => {
             println!("bench: no usable GPU ({e}); timing the CPU reference on small shapes only");
-            let bar = Bar::new("{spinner} bench [{bar:30}] {pos}/{len} {elapsed} {msg}", 3);
+            let bar = Bar::new(BAR, 3);
             let r = reference_small_shapes(args.repeat, &bar);
             bar.finish();
             r?
