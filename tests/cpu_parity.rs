@@ -20,7 +20,7 @@ use fused_infonce::{
     bf16, f16, reference, DystressGrad, Element, Error, LossInputs, LossOutput, LossSpec, MatRef,
     Mode, Reduction, Temperature, Upstream, Variant,
 };
-use problem::{loss_count, upstream, Data, Dims};
+use problem::{hard_k_cases, loss_count, temperatures, upstream, Data, Dims};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use support::{assert_outputs_close, Scales};
@@ -81,23 +81,6 @@ fn parity<T: Element>(spec: &LossSpec, dims: Dims, seed: u64, blocking: Option<B
     let up = upstream(spec, loss_count(mode, dims), seed + 1);
     let what = format!("{} {dims:?} {spec:?} {blocking:?}", T::DTYPE);
     check(&what, spec, &inputs, &up, blocking);
-}
-
-fn temperatures() -> Vec<Temperature> {
-    vec![
-        Temperature::Fixed(0.1),
-        Temperature::Learnable(0.2),
-        Temperature::Dystress {
-            tau_min: 0.1,
-            tau_max: 0.2,
-            grad: DystressGrad::Detach,
-        },
-        Temperature::Dystress {
-            tau_min: 0.07,
-            tau_max: 0.2,
-            grad: DystressGrad::Full,
-        },
-    ]
 }
 
 fn variants() -> Vec<Variant> {
@@ -281,41 +264,10 @@ fn parity_f64_inputs() {
 /// k = 1, a middle k and k ≥ #negatives (the standard loss).
 #[test]
 fn parity_hard_k() {
-    for (mi, mode) in [Mode::Queue, Mode::InBatch, Mode::Cross, Mode::Symmetric]
-        .into_iter()
-        .enumerate()
-    {
-        let dims = Dims { n: 9, k: 37, d: 19 };
-        for (vi, variant) in [
-            Variant::Hard { k: 1 },
-            Variant::Hard { k: 5 },
-            Variant::Hard { k: 100 },
-            Variant::Simple {
-                lambda: None,
-                hard_k: Some(4),
-            },
-            Variant::Simple {
-                lambda: Some(0.3),
-                hard_k: Some(2),
-            },
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            for normalize in [false, true] {
-                let spec = LossSpec::builder(mode)
-                    .temperature(0.1)
-                    .variant(variant)
-                    .normalize(normalize)
-                    .grad_queue(mode == Mode::Queue)
-                    .build()
-                    .expect("valid spec");
-                let seed = 900 + 10 * mi as u64 + vi as u64;
-                for blocking in [None, Some(TINY)] {
-                    parity::<f32>(&spec, dims, seed, blocking);
-                    parity::<bf16>(&spec, dims, seed, blocking);
-                }
-            }
+    for (spec, dims, seed) in hard_k_cases(true) {
+        for blocking in [None, Some(TINY)] {
+            parity::<f32>(&spec, dims, seed, blocking);
+            parity::<bf16>(&spec, dims, seed, blocking);
         }
     }
 }

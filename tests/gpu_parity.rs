@@ -10,7 +10,7 @@
 mod problem;
 mod support;
 
-use problem::{loss_count, upstream, Data, Dims};
+use problem::{hard_k_cases, loss_count, temperatures, upstream, Data, Dims};
 use support::{assert_outputs_close, Scales};
 
 use fused_infonce::cuda::{
@@ -19,7 +19,7 @@ use fused_infonce::cuda::{
 };
 use fused_infonce::{
     bf16, f16, reference, DType, DystressGrad, Element, Error, LossInputs, LossSpec, MatRef, Mode,
-    Reduction, Temperature, Upstream, Variant,
+    Reduction, Upstream, Variant,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -95,23 +95,6 @@ fn parity<T: Element + DeviceElement>(
             w.err()
         ),
     }
-}
-
-fn temperatures() -> Vec<Temperature> {
-    vec![
-        Temperature::Fixed(0.1),
-        Temperature::Learnable(0.2),
-        Temperature::Dystress {
-            tau_min: 0.1,
-            tau_max: 0.2,
-            grad: DystressGrad::Detach,
-        },
-        Temperature::Dystress {
-            tau_min: 0.07,
-            tau_max: 0.2,
-            grad: DystressGrad::Full,
-        },
-    ]
 }
 
 fn variants() -> Vec<Variant> {
@@ -359,39 +342,9 @@ fn parity_hard_k() {
         return;
     };
     let opts = DeviceOptions::default();
-    for (mi, mode) in [Mode::Queue, Mode::InBatch, Mode::Cross, Mode::Symmetric]
-        .into_iter()
-        .enumerate()
-    {
-        let dims = Dims { n: 9, k: 37, d: 19 };
-        for (vi, variant) in [
-            Variant::Hard { k: 1 },
-            Variant::Hard { k: 5 },
-            Variant::Hard { k: 100 },
-            Variant::Simple {
-                lambda: None,
-                hard_k: Some(4),
-            },
-            Variant::Simple {
-                lambda: Some(0.3),
-                hard_k: Some(2),
-            },
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            for normalize in [false, true] {
-                let spec = LossSpec::builder(mode)
-                    .temperature(0.1)
-                    .variant(variant)
-                    .normalize(normalize)
-                    .build()
-                    .unwrap();
-                let seed = 900 + 10 * mi as u64 + vi as u64;
-                parity::<f32>(&gpu, &spec, dims, seed, &opts);
-                parity::<bf16>(&gpu, &spec, dims, seed, &opts);
-            }
-        }
+    for (spec, dims, seed) in hard_k_cases(false) {
+        parity::<f32>(&gpu, &spec, dims, seed, &opts);
+        parity::<bf16>(&gpu, &spec, dims, seed, &opts);
     }
 }
 

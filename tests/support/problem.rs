@@ -2,7 +2,10 @@
 //! seeded inputs in every mode, the upstream gradient of its reduction.
 #![allow(dead_code)]
 
-use fused_infonce::{Element, LossInputs, LossSpec, MatRef, Mode, Reduction, Upstream};
+use fused_infonce::{
+    DystressGrad, Element, LossInputs, LossSpec, MatRef, Mode, Reduction, Temperature, Upstream,
+    Variant,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -116,4 +119,60 @@ pub fn upstream(spec: &LossSpec, count: usize, seed: u64) -> Upstream {
         }
         _ => Upstream::Scalar(0.75),
     }
+}
+
+/// The temperatures of the parity grids: fixed, learnable, DySTreSS detach and full.
+pub fn temperatures() -> Vec<Temperature> {
+    vec![
+        Temperature::Fixed(0.1),
+        Temperature::Learnable(0.2),
+        Temperature::Dystress {
+            tau_min: 0.1,
+            tau_max: 0.2,
+            grad: DystressGrad::Detach,
+        },
+        Temperature::Dystress {
+            tau_min: 0.07,
+            tau_max: 0.2,
+            grad: DystressGrad::Full,
+        },
+    ]
+}
+
+/// The `hard:k` grid: hard:k and HardSimple in every mode (symmetric rows and columns select
+/// separately), for k = 1, a middle k and k ≥ #negatives (the standard loss), with and without
+/// normalisation, on one shape; each case with its seed. `grad_queue`: queue mode asks for the
+/// queue's gradient.
+pub fn hard_k_cases(grad_queue: bool) -> Vec<(LossSpec, Dims, u64)> {
+    let dims = Dims { n: 9, k: 37, d: 19 };
+    let variants = [
+        Variant::Hard { k: 1 },
+        Variant::Hard { k: 5 },
+        Variant::Hard { k: 100 },
+        Variant::Simple {
+            lambda: None,
+            hard_k: Some(4),
+        },
+        Variant::Simple {
+            lambda: Some(0.3),
+            hard_k: Some(2),
+        },
+    ];
+    let mut out = Vec::new();
+    let modes = [Mode::Queue, Mode::InBatch, Mode::Cross, Mode::Symmetric];
+    for (mi, mode) in modes.into_iter().enumerate() {
+        for (vi, variant) in variants.into_iter().enumerate() {
+            for normalize in [false, true] {
+                let spec = LossSpec::builder(mode)
+                    .temperature(0.1)
+                    .variant(variant)
+                    .normalize(normalize)
+                    .grad_queue(grad_queue && mode == Mode::Queue)
+                    .build()
+                    .expect("valid spec");
+                out.push((spec, dims, 900 + 10 * mi as u64 + vi as u64));
+            }
+        }
+    }
+    out
 }
