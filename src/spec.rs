@@ -267,6 +267,14 @@ impl LossSpec {
             ..self.clone()
         }
     }
+    /// The same loss with temperature scheme `t` (checked as [`LossSpecBuilder::build`] does).
+    pub fn with_temperature(&self, t: Temperature) -> Result<LossSpec> {
+        t.check()?;
+        Ok(LossSpec {
+            temperature: t,
+            ..self.clone()
+        })
+    }
 }
 
 impl LossSpecBuilder {

@@ -284,13 +284,8 @@ impl InfoNce {
                     ))));
                 }
                 let v = tau.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?[0];
-                LossSpec::builder(mode)
-                    .learnable_temperature(v)
-                    .variant(self.spec.variant())
-                    .reduction(self.spec.reduction())
-                    .normalize(self.spec.normalize())
-                    .grad_queue(self.spec.grad_queue())
-                    .build()
+                self.spec
+                    .with_temperature(Temperature::Learnable(v))
                     .map_err(wrap)?
             }
             None => self.spec.clone(),
